@@ -1,0 +1,89 @@
+"""Shared config pieces: the `arg` parser and blocks every experiment uses.
+
+`parse_arg` turns the text after ':' in `--config=configs/x.py:dataset=derm7pt,smoke`
+into a typed ConfigDict, big_vision style: `key=value` pairs take the type of the
+default, a bare `flag` means True, and an unknown key is an error naming it.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def _parse_value(key: str, text: str, default):
+  if isinstance(default, bool):
+    if text.lower() in ("1", "true", "yes", ""):
+      return True
+    if text.lower() in ("0", "false", "no"):
+      return False
+    raise ValueError(f"config arg {key!r}: {text!r} is not a boolean")
+  try:
+    return type(default)(text)
+  except ValueError as e:
+    raise ValueError(f"config arg {key!r}: {text!r} is not a {type(default).__name__}") from e
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses 'a=1,flag,b=x' against `defaults` (which fix the keys and types)."""
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f"unknown config arg {key!r}; valid: {', '.join(sorted(defaults))}")
+    if not sep and not isinstance(defaults[key], bool):
+      raise ValueError(f"config arg {key!r} needs a value ({key}=...)")
+    out[key] = _parse_value(key, text.strip(), defaults[key]) if sep else True
+  return ml_collections.ConfigDict(out)
+
+
+def optimizer(name: str = "sgd", lr: float = 0.01, **kw) -> ml_collections.ConfigDict:
+  """An optimiser block (see medguide_jax/optim.py for every field)."""
+  block = dict(name=name, lr=lr, momentum=0.9, nesterov=True, b1=0.9, b2=0.999, eps=1e-8,
+               weight_decay=0.0, weight_decay_mask=".*", schedule="constant", warmup_steps=0,
+               decay=0.0, end_lr_factor=0.0, grad_clip_norm=0.0, accumulate_steps=1)
+  unknown = set(kw) - set(block)
+  if unknown:
+    raise ValueError(f"unknown optimizer fields: {sorted(unknown)}")
+  block.update(kw)
+  return ml_collections.ConfigDict(block)
+
+
+def stage(task: str, *, num_steps: int, batch_size: int, opt: ml_collections.ConfigDict,
+          **kw) -> ml_collections.ConfigDict:
+  """One stage of an experiment: what the trainer needs to run it.
+
+  Fields the trainer reads:
+    task: which tasks/<method>.py mode the stage runs (e.g. 'inferior', 'guidance').
+    num_steps, batch_size (global, over all devices and processes), opt.
+    log_every, eval_every, checkpoint_every, keep_checkpoints: in steps.
+    select: '' evaluates the last parameters; 'min:<metric>' / 'max:<metric>' keeps the
+      best on the validation split (early stopping), e.g. 'min:val/loss'.
+    patience: evaluations without improvement before stopping (0 = never stop early).
+    init_from: comma-separated stage names or workdirs whose parameters initialise this one
+      (a parameter is taken from the first source that has it).
+    init_params: regex of parameter paths taken from init_from ('' = all that exist).
+    freeze: regex of parameter paths that do not train (their batch statistics neither).
+  """
+  block = dict(task=task, num_steps=num_steps, batch_size=batch_size, opt=opt,
+               eval_batch_size=128, log_every=50, eval_every=500, checkpoint_every=500,
+               keep_checkpoints=2, select="", patience=0, init_from="", init_params="",
+               freeze="", bootstrap=1000)
+  unknown = set(kw) - set(block)
+  if unknown:
+    raise ValueError(f"unknown stage fields: {sorted(unknown)}")
+  block.update(kw)
+  return ml_collections.ConfigDict(block)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Fields every experiment has, whatever the method."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.default_stage = ""   # the stage load_run(W) returns ('' = the last)
+  c.resume = ""          # a workdir whose checkpoint restores everything (if W has none)
+  c.profile_steps = ""   # e.g. '10:15' traces steps [10, 15) into W/<stage>/profile
+  c.compute_dtype = "float32"  # 'bfloat16' computes in bf16; parameters stay fp32
+  c.mesh = ml_collections.ConfigDict(dict(fsdp_rules="", min_fsdp_size_mb=4.0))
+  c.data = ml_collections.ConfigDict(dict(
+      name="", data_dir="", manual_dir="", num_workers=0, prefetch=2, image_size=64))
+  return c

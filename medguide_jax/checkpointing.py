@@ -1,0 +1,97 @@
+"""The only module that talks to orbax: train state and data iterator in one checkpoint.
+
+Each checkpoint step holds two items: 'state' (the TrainState pytree) and 'data' (the grain
+iterator state, one JSON file per process). Saves are asynchronous; the last
+`keep` are kept. A step whose restore fails (truncated or corrupt files) is skipped
+with a warning in favour of the previous one.
+"""
+from __future__ import annotations
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint whose parameters do not fit the current config."""
+
+
+class Checkpointer:
+  """Saves and restores (TrainState, grain iterator) pairs under `directory`."""
+
+  def __init__(self, directory: str | epath.Path, *, keep: int = 2, async_save: bool = True):
+    self.directory = epath.Path(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=("state", "data"))
+
+  def steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state, data_iterator) -> None:
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data=grain.checkpoint.CheckpointSave(data_iterator))
+    self._manager.save(step, args=args, force=True)
+
+  def check_fits(self, step: int, abstract_state) -> None:
+    """Raises CheckpointMismatchError naming every leaf whose shape or presence differs."""
+    stored = self._manager.item_metadata(step)["state"]
+    stored = {_path(p): tuple(getattr(m, "shape", ()) or ())
+              for p, m in jax.tree_util.tree_leaves_with_path(stored)}
+    wanted = {_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract_state)}
+    problems = [f"{k}: checkpoint {stored.get(k, 'missing')} vs config {v}"
+                for k, v in wanted.items() if stored.get(k) != v]
+    problems += [f"{k}: in checkpoint, not in config" for k in stored if k not in wanted]
+    if problems:
+      raise CheckpointMismatchError(
+          f"checkpoint {self.directory / str(step)} does not fit the config:\n  "
+          + "\n  ".join(problems[:20]))
+
+  def restore_latest(self, abstract_state, data_iterator):
+    """(step, state) from the newest readable checkpoint, or (None, None) if none is."""
+    for step in reversed(self.steps()):
+      self.check_fits(step, abstract_state)
+      try:
+        return step, self.restore(step, abstract_state, data_iterator)
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # corrupt or truncated files: fall back one checkpoint
+        logging.warning("checkpoint %s is unreadable (%s); falling back to the previous one",
+                        self.directory / str(step), e)
+    return None, None
+
+  def restore(self, step: int, abstract_state, data_iterator=None):
+    items = dict(state=ocp.args.StandardRestore(abstract_state))
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    return restored["state"]
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def _path(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def save_variables(path: str | epath.Path, variables) -> None:
+  """Writes a finished stage's selected variables (what init_from and load_run read)."""
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(epath.Path(path), variables, force=True)
+
+
+def load_variables(path: str | epath.Path):
+  """The variables written by save_variables, as host numpy arrays."""
+  path = epath.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"no saved variables at {path}")
+  with ocp.StandardCheckpointer() as ckptr:
+    return jax.tree.map(np.asarray, ckptr.restore(path))

@@ -1,0 +1,1 @@
+"""Data layer: TFDS sources read per process, grain pipelines, transforms, synthetic sets."""

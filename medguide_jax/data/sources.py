@@ -1,0 +1,28 @@
+"""Random-access TFDS sources (ArrayRecord through tfds.data_source; no TensorFlow)."""
+from __future__ import annotations
+
+import ml_collections
+
+from medguide_jax.data import builders
+
+# Which record layout (transforms.EXAMPLE_FNS) each dataset has.
+LAYOUTS = {"synthetic_paired": "paired", "derm7pt": "paired"}
+
+
+def open_splits(data: ml_collections.ConfigDict, splits: tuple[str, ...]) -> dict:
+  """{split: random-access source}; prepares the dataset on first use (under a file lock)."""
+  builder = builders.prepare(data.name, data_dir=data.data_dir or None,
+                             manual_dir=data.manual_dir or None)
+  missing = [s for s in splits if s not in builder.info.splits]
+  if missing:
+    raise ValueError(f"dataset {data.name!r} has no split(s) {missing}; "
+                     f"it has {sorted(builder.info.splits)}")
+  return {s: builder.as_data_source(split=s) for s in splits}
+
+
+def dataset_record(data: ml_collections.ConfigDict, sources: dict) -> dict:
+  """Name, version and example counts, for run.json."""
+  builder = builders.prepare(data.name, data_dir=data.data_dir or None,
+                             manual_dir=data.manual_dir or None)
+  return {"name": data.name, "version": str(builder.info.version),
+          "examples": {s: len(src) for s, src in sources.items()}}

@@ -1,0 +1,96 @@
+"""Re-evaluating and exploring finished runs.
+
+  python -m medguide_jax.evaluate --workdir=W [--stages=guided_plus,inferior]
+
+re-evaluates every finished stage of W from its saved variables, prints the results
+table and writes W/reevaluation.json. In Colab:
+
+  run = medguide_jax.load_run(W)              # the config's default stage
+  out = run.predict(batch)                     # batch: dict of numpy arrays, as the pipeline makes
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from typing import Any
+
+import jax
+import ml_collections
+from absl import app, flags
+from etils import epath
+
+from medguide_jax import checkpointing, metric_writers, parallel, train
+
+
+@dataclasses.dataclass
+class Run:
+  """A finished stage: its config, task (whose `.model` is the flax module) and variables."""
+  config: ml_collections.ConfigDict
+  stage: str
+  task: Any
+  variables: dict
+  setup: Any
+
+  @property
+  def model(self):
+    return self.task.model
+
+  def predict(self, batch: dict) -> dict:
+    """The task's eval-mode outputs for a host batch (numpy in, numpy out)."""
+    return jax.tree.map(lambda x: jax.device_get(x),
+                        jax.jit(self.task.predict)(self.variables, batch))
+
+  def evaluate(self, split: str = "test", bootstrap: int = 0) -> dict:
+    return train.evaluate_split(self.setup, self.variables, split, bootstrap=bootstrap)
+
+
+def load_config(workdir: str | epath.Path) -> ml_collections.ConfigDict:
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{path} not found: is {workdir} a medguide_jax workdir?")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def load_run(workdir: str | epath.Path, stage: str | None = None) -> Run:
+  """The config, model and parameters of a finished stage (default: config.default_stage)."""
+  workdir = epath.Path(workdir)
+  config = load_config(workdir)
+  stage = stage or config.get("default_stage") or list(config.stages)[-1]
+  if stage not in config.stages:
+    raise ValueError(f"stage {stage!r} is not in {workdir}; stages: {list(config.stages)}")
+  if not (workdir / stage / "results.json").exists():
+    raise FileNotFoundError(f"stage {stage!r} of {workdir} has not finished")
+  setup = train._Setup(config, stage, workdir, parallel.make_mesh())  # pylint: disable=protected-access
+  variables = checkpointing.load_variables(workdir / stage / "variables")
+  return Run(config=config, stage=stage, task=setup.task, variables=variables, setup=setup)
+
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A finished run's workdir.")
+_STAGES = flags.DEFINE_list("stages", [], "Stages to evaluate (default: every finished one).")
+
+
+def main(argv) -> int:
+  del argv
+  workdir = epath.Path(_WORKDIR.value)
+  config = load_config(workdir)
+  names = _STAGES.value or [s for s in config.stages if (workdir / s / "results.json").exists()]
+  results, columns = {"stages": {}, "table": []}, []
+  for name in names:
+    run = load_run(workdir, name)
+    metrics = {}
+    for split in train.EVAL_SPLITS:
+      metrics.update({f"{split}/{k}": v for k, v in
+                      run.evaluate(split, bootstrap=config.stages[name].bootstrap).items()})
+    results["stages"][name] = {"metrics": metrics}
+    if run.task.in_table:
+      results["table"].append(train.table_row(name, run.task.headline, metrics))
+      columns += [c for c in run.task.columns if c not in columns]
+  metric_writers.write_json_atomic(workdir / "reevaluation.json", results)
+  print(train.markdown_table(results["table"], columns))
+  return 0
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("workdir")
+  app.run(lambda argv: sys.exit(main(argv)))

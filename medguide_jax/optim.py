@@ -1,0 +1,261 @@
+"""Optax optimisers and learning-rate schedules built from an `opt` config block.
+
+The config block is an `ml_collections.ConfigDict` (a plain mapping works too):
+
+  opt.name = 'sgd' | 'adam' | 'adamw'      # required
+  opt.lr = 0.1                             # required; peak learning rate
+  opt.momentum, opt.nesterov               # sgd (defaults 0.9, True)
+  opt.b1, opt.b2, opt.eps                  # adam/adamw (defaults 0.9, 0.999, 1e-8)
+  opt.weight_decay = 0.0                   # adamw: decoupled; sgd/adam: L2 on the grad
+  opt.weight_decay_mask = '.*'             # regex over '/'-joined parameter paths
+  opt.schedule = 'constant' | 'cosine' | 'keras_decay'
+  opt.warmup_steps = 0                     # linear warmup from 0 to lr
+  opt.decay = 0.0                          # keras_decay: lr / (1 + decay * step)
+  opt.end_lr_factor = 0.0                  # cosine ends at lr * end_lr_factor
+  opt.grad_clip_norm = 0.0                 # 0 = off; global-norm clipping
+  opt.accumulate_steps = 1                 # read by the trainer: micro-batches per update
+
+Parameter paths are the dict keys from the root of the tree handed over, joined with
+'/' (e.g. 'enc_inferior/conv1/kernel'), and every regex must match a whole path
+(`re.fullmatch`). Weight decay needs the parameters: call `tx.update(grads, state,
+params)`.
+
+The chain per update is: clip by global norm -> (sgd/adam: add L2 decay) -> momentum
+or Adam moments -> (adamw: add decoupled decay) -> scale by -schedule(step).
+Gradient accumulation is the trainer's: it averages the gradients of k micro-batches
+inside one jitted step (train.make_train_step), so `tx` always sees one gradient per
+update and the schedule counts updates.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+OPTIMIZERS = ('sgd', 'adam', 'adamw')
+SCHEDULES = ('constant', 'cosine', 'keras_decay')
+
+_REQUIRED = ('name', 'lr')
+_DEFAULTS = {
+    'momentum': 0.9,
+    'nesterov': True,
+    'b1': 0.9,
+    'b2': 0.999,
+    'eps': 1e-8,
+    'weight_decay': 0.0,
+    'weight_decay_mask': '.*',
+    'schedule': 'constant',
+    'warmup_steps': 0,
+    'decay': 0.0,
+    'end_lr_factor': 0.0,
+    'grad_clip_norm': 0.0,
+    'accumulate_steps': 1,
+}
+
+_TRAINABLE = 'trainable'
+_FROZEN = 'frozen'
+
+PyTree = Any
+
+
+# ---------------------------------------------------------------------------
+# Parameter-tree helpers.
+# ---------------------------------------------------------------------------
+
+
+def _key_str(key: Any) -> str:
+  """One path entry as text: a dict key (flax params), else an attribute or index."""
+  if isinstance(key, jax.tree_util.DictKey):
+    return str(key.key)
+  if isinstance(key, jax.tree_util.GetAttrKey):
+    return key.name
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return str(key.idx)
+  return str(getattr(key, 'key', key))
+
+
+def _path_str(path: tuple[Any, ...]) -> str:
+  return '/'.join(_key_str(k) for k in path)
+
+
+def param_paths(params: PyTree) -> list[str]:
+  """The '/'-joined path of every leaf of `params`, in `jax.tree` leaf order."""
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  return [_path_str(path) for path, _ in leaves]
+
+
+def regex_mask(params: PyTree, regex: str) -> PyTree:
+  """A tree like `params` with True where the leaf's path fully matches `regex`."""
+  pattern = re.compile(regex)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: pattern.fullmatch(_path_str(path)) is not None, params)
+
+
+def count_params(params: PyTree) -> int:
+  """Total number of scalar entries over all leaves of `params`."""
+  return int(sum(np.size(leaf) for leaf in jax.tree.leaves(params)))
+
+
+def _check_matches(params: PyTree, regex: str, what: str) -> None:
+  """Raises ValueError when `regex` fully matches no path of `params`."""
+  if not any(jax.tree.leaves(regex_mask(params, regex))):
+    examples = ', '.join(param_paths(params)[:5])
+    raise ValueError(
+        f'{what} regex {regex!r} matches no parameter path (paths look like: '
+        f'{examples}, ...).')
+
+
+# ---------------------------------------------------------------------------
+# Config handling.
+# ---------------------------------------------------------------------------
+
+
+def _resolve(opt: Mapping[str, Any]) -> dict[str, Any]:
+  """The config block as a plain dict with defaults filled in, validated."""
+  given = dict(opt.items())
+  unknown = sorted(set(given) - set(_DEFAULTS) - set(_REQUIRED))
+  if unknown:
+    raise ValueError(f'Unknown opt config keys {unknown}; known keys: '
+                     f'{sorted(_REQUIRED + tuple(_DEFAULTS))}.')
+  missing = [k for k in _REQUIRED if given.get(k) is None]
+  if missing:
+    raise ValueError(f'opt config lacks required keys {missing}.')
+  cfg = {**_DEFAULTS, **given}
+  if cfg['name'] not in OPTIMIZERS:
+    raise ValueError(
+        f'Unknown optimizer {cfg["name"]!r}; valid names: {OPTIMIZERS}.')
+  if cfg['schedule'] not in SCHEDULES:
+    raise ValueError(
+        f'Unknown schedule {cfg["schedule"]!r}; valid names: {SCHEDULES}.')
+  if int(cfg['accumulate_steps']) < 1:
+    raise ValueError(
+        f'opt.accumulate_steps must be >= 1, got {cfg["accumulate_steps"]}.')
+  return cfg
+
+
+# ---------------------------------------------------------------------------
+# Learning-rate schedule.
+# ---------------------------------------------------------------------------
+
+
+def _keras_decay_schedule(lr: float, decay: float) -> optax.Schedule:
+  """Keras' legacy `decay` argument: lr / (1 + decay * step)."""
+
+  def schedule(step):
+    return lr / (1.0 + decay * jnp.asarray(step, jnp.float32))
+
+  return schedule
+
+
+def _main_schedule(cfg: dict[str, Any], steps: int) -> optax.Schedule:
+  """The schedule that follows warmup, over `steps` updates."""
+  lr = float(cfg['lr'])
+  if cfg['schedule'] == 'constant':
+    return optax.constant_schedule(lr)
+  if cfg['schedule'] == 'keras_decay':
+    return _keras_decay_schedule(lr, float(cfg['decay']))
+  if steps <= 0:
+    raise ValueError(
+        f'cosine schedule needs num_steps > warmup_steps, got {steps} steps '
+        'after warmup.')
+  return optax.cosine_decay_schedule(
+      lr, decay_steps=steps, alpha=float(cfg['end_lr_factor']))
+
+
+def make_schedule(opt: Mapping[str, Any], num_steps: int) -> optax.Schedule:
+  """Learning rate as a function of the optimiser-update count.
+
+  Linear warmup from 0 (step 0) to `opt.lr` (step `warmup_steps`), then the named
+  schedule, whose own step count starts at 0 where warmup ends. With gradient
+  accumulation `num_steps` counts optimiser updates, not micro-batches.
+
+  Args:
+    opt: the `opt` config block.
+    num_steps: total number of optimiser updates of the run.
+
+  Returns:
+    An optax schedule (step -> learning rate).
+  """
+  cfg = _resolve(opt)
+  warmup = int(cfg['warmup_steps'])
+  if not 0 <= warmup <= num_steps:
+    raise ValueError(
+        f'opt.warmup_steps={warmup} must lie in [0, num_steps={num_steps}].')
+  main = _main_schedule(cfg, num_steps - warmup)
+  if warmup == 0:
+    return main
+  warm = optax.linear_schedule(0.0, float(cfg['lr']), warmup)
+  return optax.join_schedules([warm, main], [warmup])
+
+
+# ---------------------------------------------------------------------------
+# Optimiser.
+# ---------------------------------------------------------------------------
+
+
+def _decay_mask(regex: str) -> Callable[[PyTree], PyTree]:
+  """Weight-decay mask as a function, so it also fits trees masked by freezing."""
+  return lambda params: regex_mask(params, regex)
+
+
+def _base_chain(cfg: dict[str, Any],
+                schedule: optax.Schedule) -> optax.GradientTransformation:
+  """The configured update rule, for every trainable parameter."""
+  wd = float(cfg['weight_decay'])
+  decay = (optax.add_decayed_weights(wd, _decay_mask(cfg['weight_decay_mask']))
+           if wd else None)
+  clip = float(cfg['grad_clip_norm'])
+  parts = [optax.clip_by_global_norm(clip) if clip > 0 else None]
+  if cfg['name'] == 'sgd':
+    momentum = float(cfg['momentum'])
+    trace = (optax.trace(momentum, nesterov=bool(cfg['nesterov']))
+             if momentum else None)
+    parts += [decay, trace]
+  else:
+    adam = optax.scale_by_adam(
+        b1=float(cfg['b1']), b2=float(cfg['b2']), eps=float(cfg['eps']))
+    parts += [decay, adam] if cfg['name'] == 'adam' else [adam, decay]
+  parts.append(optax.scale_by_learning_rate(schedule))
+  return optax.chain(*[p for p in parts if p is not None])
+
+
+def make_optimizer(
+    opt: Mapping[str, Any],
+    num_steps: int,
+    params: PyTree,
+    *,
+    freeze: str = '',
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Builds the optimiser described by the `opt` config block.
+
+  Args:
+    opt: the `opt` config block (see the module docstring).
+    num_steps: total number of optimiser updates (not micro-batches).
+    params: the parameter tree (nested dicts), used to build the freeze labels
+      and to check the regexes.
+    freeze: regex over '/'-joined parameter paths; matching parameters get zero
+      updates and no optimiser state. '' freezes nothing.
+
+  Returns:
+    (tx, schedule); `tx.update` is called once per optimiser update.
+
+  Raises:
+    ValueError: unknown optimiser, schedule or config key, or a `freeze` (or, with
+      weight decay on, `weight_decay_mask`) regex that matches no parameter.
+  """
+  cfg = _resolve(opt)
+  schedule = make_schedule(cfg, num_steps)
+  if float(cfg['weight_decay']):
+    _check_matches(params, cfg['weight_decay_mask'], 'opt.weight_decay_mask')
+  tx = _base_chain(cfg, schedule)
+  if freeze:
+    _check_matches(params, freeze, 'freeze')
+    labels = jax.tree.map(lambda f: _FROZEN if f else _TRAINABLE,
+                          regex_mask(params, freeze))
+    tx = optax.multi_transform(
+        {_TRAINABLE: tx, _FROZEN: optax.set_to_zero()}, labels)
+  return tx, schedule

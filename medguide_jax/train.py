@@ -1,0 +1,537 @@
+"""The one trainer: stages, mesh, jitted step, checkpoints, evaluation, results.
+
+`train_and_evaluate(config, workdir)` runs `config.stages` in order; stage `s` lives in
+`workdir/s/` and is finished once `workdir/s/results.json` exists. Everything that is the
+same for every method lives here; a task (tasks/<method>.py) says only what to initialise,
+what to minimise and how to evaluate.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import signal
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+from medguide_jax import checkpointing, metric_writers, optim, parallel, run_info, tasks
+from medguide_jax.data import pipeline, sources, transforms
+
+EXIT_PREEMPTED = 75
+EVAL_SPLITS = ("validation", "test")
+
+
+class ConfigError(ValueError):
+  """Bad config or workdir contents, found before anything is written (exit code 2)."""
+
+
+class Preempted(Exception):
+  """A preemption signal arrived and a checkpoint was saved (exit code 75)."""
+
+
+class NonFiniteError(FloatingPointError):
+  """A non-finite loss or gradient; the last good checkpoint stays as it was."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training; one pytree, checkpointed whole."""
+  step: jax.Array
+  params: Any
+  model_state: Any            # batch statistics and other non-trained collections
+  opt_state: Any
+  best: Any                   # {'params', 'model_state'} at the best validation score
+  best_score: jax.Array       # +inf when lower is better and nothing was evaluated yet
+  best_step: jax.Array
+  evals_since_best: jax.Array
+  bad_step: jax.Array         # first step whose loss or gradient was non-finite; -1 if none
+
+
+# --------------------------------------------------------------------------- preemption
+_SIGNALLED = []
+
+
+def _on_sigterm(signum, frame):  # pylint: disable=unused-argument
+  _SIGNALLED.append(signum)
+
+
+def _preempted(step: int) -> bool:
+  if jax.process_count() > 1:
+    return multihost_utils.reached_preemption_sync_point(step)
+  return bool(_SIGNALLED)
+
+
+# --------------------------------------------------------------------------- the step
+def _select(ok, new, old):
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def make_train_step(task, tx, *, seed: int, accumulate: int, frozen_state_mask):
+  """The jitted-to-be update: gradients over the global batch, optax, NaN guard.
+
+  With `accumulate` > 1 the global batch is split into that many micro-batches whose
+  gradients are averaged in a scan (same update, less memory). A step whose loss or
+  gradient is non-finite leaves the state unchanged and records its number in bad_step.
+  """
+  def grads_of(params, model_state, batch, rng):
+    grad_fn = jax.value_and_grad(task.loss, has_aux=True)
+    if accumulate == 1:
+      return grad_fn(params, model_state, batch, rng)
+    micro = jax.tree.map(lambda x: x.reshape((accumulate, -1) + x.shape[1:]), batch)
+
+    def body(carry, mb):
+      (loss, metrics), ms, g = carry
+      (l, (m, ms)), gi = grad_fn(params, ms, mb, rng)
+      add = lambda a, b: a + b / accumulate
+      return ((add(loss, l), jax.tree.map(add, metrics, m)), ms, jax.tree.map(add, g, gi)), None
+
+    zeros = lambda t: jax.tree.map(jnp.zeros_like, t)
+    (l0, (m0, _)), _ = jax.eval_shape(grad_fn, params, model_state,
+                                      jax.tree.map(lambda x: x[0], micro), rng)
+    init = ((jnp.zeros((), l0.dtype), zeros(m0)), model_state, zeros(params))
+    ((loss, metrics), ms, grads), _ = jax.lax.scan(body, init, micro)
+    return (loss, (metrics, ms)), grads
+
+  def step(state: TrainState, batch: dict):
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    (loss, (metrics, model_state)), grads = grads_of(state.params, state.model_state, batch, rng)
+    # Frozen modules keep their batch statistics (the mask is static: plain bools).
+    model_state = jax.tree.map(lambda frozen, old, new: old if frozen else new,
+                               frozen_state_mask, state.model_state, model_state)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.bad_step < 0)
+    new = state.replace(step=state.step + 1, params=params, model_state=model_state,
+                        opt_state=opt_state)
+    new = _select(ok, new, state.replace(step=state.step + 1))
+    new = new.replace(bad_step=jnp.where(ok | (state.bad_step >= 0), state.bad_step, state.step))
+    return new, {"loss": loss, "grad_norm": grad_norm, **metrics}
+
+  return step
+
+
+# --------------------------------------------------------------------------- set-up
+def _stage_config(config, name: str) -> dict:
+  """The part of the config that defines stage `name` (what a rerun must not change)."""
+  flat = {k: v for k, v in _flatten(config.to_dict()).items()
+          if not k.startswith("stages.") and k not in _VOLATILE_KEYS}
+  flat.update({f"stages.{name}.{k}": v for k, v in _flatten(config.stages[name].to_dict()).items()
+               if k not in ("log_every", "eval_batch_size")})
+  return flat
+
+
+_VOLATILE_KEYS = ("resume", "profile_steps", "data.num_workers", "data.prefetch", "data.data_dir",
+                  "data.manual_dir")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def _changed_keys(old: dict, new: dict) -> list[str]:
+  return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def _frozen_state_mask(model_state: dict, freeze: str) -> dict:
+  """Per collection (batch_stats, ...), which leaves belong to frozen modules."""
+  return {col: optim.regex_mask(tree, freeze) if freeze else jax.tree.map(lambda _: False, tree)
+          for col, tree in model_state.items()}
+
+
+def _example_batch(train_ds) -> dict:
+  """One host batch, for shapes only (read without advancing the real iterator)."""
+  return next(iter(train_ds))
+
+
+def _abstract_global(batch: dict, global_batch_size: int, mesh) -> dict:
+  sharding = parallel.batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct((global_batch_size,) + x.shape[1:], x.dtype,
+                                                     sharding=sharding), batch)
+
+
+# --------------------------------------------------------------------------- init / restore
+def _source_stage_dir(workdir: epath.Path, source: str) -> epath.Path:
+  """init_from names a stage of this workdir, or a path to a finished stage directory."""
+  path = workdir / source if "/" not in source else epath.Path(source)
+  if not (path / "results.json").exists():
+    raise ConfigError(f"init_from {source!r}: {path} is not a finished stage "
+                      "(no results.json there)")
+  return path
+
+
+def _load_init(variables: dict, stage, workdir: epath.Path) -> dict:
+  """Overwrites leaves of `variables` with those of the init_from stages (first source wins)."""
+  pattern = re.compile(stage.init_params or ".*")
+  loaded = {}
+  for source in filter(None, (s.strip() for s in stage.init_from.split(","))):
+    stored = checkpointing.load_variables(_source_stage_dir(workdir, source) / "variables")
+    flat = {checkpointing._path(p): v for p, v in jax.tree_util.tree_leaves_with_path(stored)}  # pylint: disable=protected-access
+    for key, value in flat.items():
+      # key is '<collection>/<module path>'; init_params matches the module path.
+      if key not in loaded and pattern.fullmatch(key.partition("/")[2]):
+        loaded[key] = (source, value)
+
+  used = []
+
+  def take(path, leaf):
+    key = checkpointing._path(path)  # pylint: disable=protected-access
+    if key not in loaded:
+      return leaf
+    source, value = loaded[key]
+    if value.shape != leaf.shape:
+      raise ConfigError(f"init_from {source!r}: {key} has shape {value.shape}, "
+                        f"the config wants {leaf.shape}")
+    used.append(key)
+    return jnp.asarray(value, leaf.dtype)
+
+  out = jax.tree_util.tree_map_with_path(take, variables)
+  if stage.init_from and not used:
+    raise ConfigError(f"init_from {stage.init_from!r} with init_params {stage.init_params!r} "
+                      "matched no parameter of this stage")
+  logging.info("init_from %s: %d arrays loaded", stage.init_from, len(used))
+  return out
+
+
+class _Setup:
+  """The stage's pieces the loop and the evaluation share."""
+
+  def __init__(self, config, name: str, workdir: epath.Path, mesh):
+    self.config, self.name, self.mesh = config, name, mesh
+    self.stage = stage = config.stages[name]
+    self.dir = workdir / name
+    parallel.check_batch_size(stage.batch_size, f"stages.{name}.batch_size")
+    parallel.check_batch_size(stage.eval_batch_size, f"stages.{name}.eval_batch_size")
+    if stage.opt.accumulate_steps > 1 and (stage.batch_size // jax.device_count()
+                                           ) % stage.opt.accumulate_steps:
+      raise ConfigError(f"stages.{name}: the per-device batch {stage.batch_size // jax.device_count()}"
+                        f" is not divisible by opt.accumulate_steps={stage.opt.accumulate_steps}")
+    try:  # schedule errors surface now, before any stage has written anything
+      optim.make_schedule(stage.opt, stage.num_steps)
+    except ValueError as e:
+      raise ConfigError(f"stages.{name}.opt: {e}") from e
+    self.sources = sources.open_splits(config.data, ("train",) + EVAL_SPLITS)
+    self.task = tasks.get_task(config, stage, self.sources["train"])
+    self.example_fn = functools.partial(
+        transforms.EXAMPLE_FNS[sources.LAYOUTS[config.data.name]],
+        image_size=config.data.image_size)
+
+  def dataset(self, split: str, *, train: bool):
+    bs = self.stage.batch_size if train else self.stage.eval_batch_size
+    return pipeline.make_dataset(
+        self.sources[split], example_fn=functools.partial(self.example_fn, augment=train),
+        global_batch_size=bs, rows=parallel.process_rows(self.mesh, bs),
+        seed=self.config.seed, train=train, num_batches=self.stage.num_steps,
+        num_workers=self.config.data.num_workers if train else 0,
+        prefetch=self.config.data.prefetch)
+
+
+def _init_state(setup: _Setup, example: dict, workdir: epath.Path):
+  """(abstract TrainState, its shardings, a function making the initial TrainState, tx)."""
+  stage, task, mesh = setup.stage, setup.task, setup.mesh
+  abstract_batch = _abstract_global(example, stage.batch_size, mesh)
+  abstract_vars = jax.eval_shape(task.init, jax.random.key(setup.config.seed), abstract_batch)
+  params_shape = abstract_vars["params"]
+  try:
+    tx, _ = optim.make_optimizer(stage.opt, stage.num_steps, params_shape, freeze=stage.freeze)
+  except ValueError as e:
+    raise ConfigError(f"stages.{setup.name}: {e}") from e
+  lower_better = stage.select.startswith("min:")
+
+  def fresh(rng):
+    variables = task.init(rng, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_batch))
+    params = variables.pop("params")
+    keep = {"params": params, "model_state": variables} if stage.select else {}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
+                      opt_state=tx.init(params), best=keep,
+                      best_score=jnp.asarray(np.inf if lower_better else -np.inf, jnp.float32),
+                      best_step=jnp.zeros((), jnp.int32), evals_since_best=jnp.zeros((), jnp.int32),
+                      bad_step=-jnp.ones((), jnp.int32))
+
+  abstract = jax.eval_shape(fresh, jax.random.key(0))
+  shardings = parallel.param_shardings(mesh, abstract, setup.config.mesh.fsdp_rules,
+                                       setup.config.mesh.min_fsdp_size_mb)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  return abstract, shardings, fresh, tx
+
+
+def _restore_or_init(setup: _Setup, ckpt: checkpointing.Checkpointer, data_iter, abstract,
+                     shardings, fresh, workdir: epath.Path):
+  """Restore order: this stage's checkpoint, config.resume, init_from, scratch."""
+  step, state = ckpt.restore_latest(abstract, data_iter)
+  if state is not None:
+    logging.info("[%s] resumed from %s at step %d", setup.name, ckpt.directory, step)
+    return state
+  if setup.config.resume:
+    other = checkpointing.Checkpointer(epath.Path(setup.config.resume) / setup.name / "checkpoints")
+    step, state = other.restore_latest(abstract, data_iter)
+    if state is None:
+      raise ConfigError(f"config.resume={setup.config.resume!r} has no checkpoint for stage "
+                        f"{setup.name!r}")
+    logging.info("[%s] resumed from %s at step %d", setup.name, other.directory, step)
+    return state
+  state = jax.jit(fresh, out_shardings=shardings)(jax.random.key(setup.config.seed))
+  if setup.stage.init_from:
+    variables = _load_init({"params": state.params, **state.model_state}, setup.stage, workdir)
+    params = variables.pop("params")
+    # Optimiser slots (momenta) start at zero whatever the parameters, so opt_state stays.
+    state = jax.device_put(state.replace(params=params, model_state=variables), shardings)
+  if setup.stage.select:
+    # Own buffers for `best`: the step donates params, and a donated buffer may appear once.
+    state = state.replace(best=jax.tree.map(
+        jnp.copy, {"params": state.params, "model_state": state.model_state}))
+  return state
+
+
+# --------------------------------------------------------------------------- evaluation
+def predict_split(setup: _Setup, variables: dict, split: str) -> dict[str, np.ndarray]:
+  """The task's per-example outputs over a whole split: every example exactly once."""
+  repl = parallel.replicated(setup.mesh)
+  predict = jax.jit(setup.task.predict, out_shardings=repl)
+  chunks = []
+  for batch in setup.dataset(split, train=False):
+    mask = batch.pop("mask")
+    out = predict(variables, parallel.to_global(batch, setup.mesh))
+    out["_mask"] = parallel.to_global({"m": mask}, setup.mesh)["m"]
+    chunks.append(jax.tree.map(np.asarray, multihost_utils.process_allgather(out, tiled=True)))
+  outputs = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+  keep = outputs.pop("_mask")
+  return {k: v[keep] for k, v in outputs.items()}
+
+
+def evaluate_split(setup: _Setup, variables: dict, split: str, *, bootstrap: int = 0) -> dict:
+  outputs = predict_split(setup, variables, split)
+  return setup.task.evaluate(outputs, bootstrap=bootstrap, seed=setup.config.seed)
+
+
+def _variables(state: TrainState, which: str) -> dict:
+  src = state.best if which == "best" else {"params": state.params, "model_state": state.model_state}
+  return {"params": src["params"], **src["model_state"]}
+
+
+def _scalars(metrics: dict, prefix: str) -> dict[str, float]:
+  return {f"{prefix}{k}": float(v) for k, v in metrics.items()
+          if np.ndim(v) == 0 and not k.endswith("_ci95")}
+
+
+def _track_best(setup: _Setup, state: TrainState, val: dict) -> TrainState:
+  """Keeps the parameters with the best validation score (early stopping's memory)."""
+  mode, _, key = setup.stage.select.partition(":")
+  if key.removeprefix("val/") not in val:
+    raise ConfigError(f"stages.{setup.name}.select={setup.stage.select!r}: the validation metrics "
+                      f"have no {key.removeprefix('val/')!r}; they have {sorted(val)}")
+  score = float(val[key.removeprefix("val/")])
+  best = float(state.best_score)
+  if (score < best) if mode == "min" else (score > best):
+    # A copy: the step donates state.params, which must not take the best with it.
+    best = jax.tree.map(jnp.copy, {"params": state.params, "model_state": state.model_state})
+    return state.replace(best=best,
+                         best_score=jnp.asarray(score, jnp.float32),
+                         best_step=jnp.copy(state.step), evals_since_best=jnp.zeros((), jnp.int32))
+  return state.replace(evals_since_best=state.evals_since_best + 1)
+
+
+# --------------------------------------------------------------------------- the loop
+def _check_finite(setup: _Setup, state: TrainState) -> None:
+  bad = int(state.bad_step)
+  if bad >= 0:
+    raise NonFiniteError(f"[{setup.name}] non-finite loss or gradient at step {bad}; the last "
+                         f"good checkpoint in {setup.dir / 'checkpoints'} is untouched")
+
+
+def _profile(setup: _Setup, step: int) -> None:
+  window = setup.config.profile_steps
+  if not window:
+    return
+  start, stop = (int(x) for x in window.split(":"))
+  if step == start:
+    jax.profiler.start_trace(str(setup.dir / "profile"))
+  elif step == stop:
+    jax.profiler.stop_trace()
+
+
+def _every(n: int, step: int, last: int) -> bool:
+  return step == last or (n > 0 and step % n == 0)
+
+
+def train_stage(setup: _Setup, workdir: epath.Path) -> TrainState:
+  """Trains one stage to num_steps (or early stop), resuming whatever was there."""
+  stage, name = setup.stage, setup.name
+  train_ds = setup.dataset("train", train=True)
+  data_iter = iter(train_ds)
+  abstract, shardings, fresh, tx = _init_state(setup, _example_batch(train_ds), workdir)
+  ckpt = checkpointing.Checkpointer(setup.dir / "checkpoints", keep=stage.keep_checkpoints)
+  state = _restore_or_init(setup, ckpt, data_iter, abstract, shardings, fresh, workdir)
+  frozen_state = _frozen_state_mask(state.model_state, stage.freeze)
+  step_fn = jax.jit(make_train_step(setup.task, tx, seed=setup.config.seed,
+                                    accumulate=stage.opt.accumulate_steps,
+                                    frozen_state_mask=frozen_state),
+                    in_shardings=(shardings, parallel.batch_sharding(setup.mesh)),
+                    out_shardings=(shardings, parallel.replicated(setup.mesh)), donate_argnums=0)
+  first = int(state.step)
+  writer = metric_writers.MetricWriter(setup.dir, resume_step=first)
+  progress = metric_writers.Progress(stage.num_steps, first, name)
+  logging.info("[%s] %d parameters; training steps %d..%d", name,
+               optim.count_params(state.params), first, stage.num_steps)
+  stopped_early = stage.patience > 0 and int(state.evals_since_best) >= stage.patience
+  for step in range(first + 1, stage.num_steps + 1) if not stopped_early else ():
+    _profile(setup, step - 1)
+    with jax.profiler.StepTraceAnnotation("train", step_num=step):
+      state, metrics = step_fn(state, parallel.to_global(next(data_iter), setup.mesh))
+    log, last = {}, stage.num_steps
+    if _every(stage.log_every, step, last):
+      _check_finite(setup, state)
+      log.update(_scalars(metrics, "train/"), **progress.report(step))
+    if stage.select and _every(stage.eval_every, step, last):
+      t = time.monotonic()
+      _check_finite(setup, state)
+      val = evaluate_split(setup, _variables(state, "last"), "validation")
+      state = _track_best(setup, state, val)
+      log.update(_scalars(val, "eval/validation/"))
+      progress.pause(time.monotonic() - t)
+      stopped_early = stage.patience > 0 and int(state.evals_since_best) >= stage.patience
+    if log:
+      writer.write(step, log)
+    preempted = _preempted(step)
+    if _every(stage.checkpoint_every, step, last) or preempted or stopped_early:
+      _check_finite(setup, state)
+      ckpt.save(step, state, data_iter)
+    if preempted:
+      ckpt.wait()
+      raise Preempted(f"[{name}] preempted; checkpoint saved at step {step}")
+    if stopped_early:
+      logging.info("[%s] early stop at step %d (best step %d)", name, step, int(state.best_step))
+      break
+  _profile(setup, -1)
+  ckpt.wait()
+  ckpt.close()
+  writer.close()
+  return state
+
+
+# --------------------------------------------------------------------------- results
+def finish_stage(setup: _Setup, state: TrainState) -> dict:
+  """Evaluates the selected parameters on every split and writes the stage's outputs."""
+  which = "best" if setup.stage.select else "last"
+  variables = _variables(state, which)
+  step = int(state.best_step) if which == "best" else int(state.step)
+  checkpointing.save_variables(setup.dir / "variables", variables)
+  metrics = {}
+  for split in EVAL_SPLITS:
+    result = evaluate_split(setup, variables, split, bootstrap=setup.stage.bootstrap)
+    metrics.update({f"{split}/{k}": v for k, v in result.items()})
+  stage_result = {"step": step, "checkpoint": which, "metrics": metrics}
+  table = [table_row(setup.name, setup.task.headline, metrics)] if setup.task.in_table else []
+  metric_writers.write_json_atomic(setup.dir / "results.json",
+                                   {"stages": {setup.name: stage_result}, "table": table})
+  return stage_result
+
+
+def table_row(name: str, headline: str, metrics: dict) -> dict:
+  """One row of results.json's table: test metrics, the headline first, with CIs."""
+  row = {"model": name}
+  keys = [headline] + sorted(k.removeprefix("test/") for k in metrics
+                             if k.startswith("test/") and not k.endswith("_ci95")
+                             and k != f"test/{headline}")
+  for key in keys:
+    if f"test/{key}" in metrics:
+      row[key] = metrics[f"test/{key}"]
+      if f"test/{key}_ci95" in metrics:
+        row[f"{key}_ci95"] = metrics[f"test/{key}_ci95"]
+  return row
+
+
+def markdown_table(table: list[dict], columns: list[str]) -> str:
+  """The results table as markdown: value [lo, hi] per headline column."""
+  lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+  for row in table:
+    cells = []
+    for c in columns:
+      v, ci = row.get(c), row.get(f"{c}_ci95")
+      cells.append("" if v is None else f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
+    lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- stages
+def _check_finished(setup: _Setup, config) -> bool:
+  """True if the stage is done; a changed config for a done stage is an error."""
+  saved = setup.dir / "stage_config.json"
+  if not (setup.dir / "results.json").exists():
+    return False
+  old = metric_writers.read_json(saved) if saved.exists() else {}
+  changed = _changed_keys(old, _stage_config(config, setup.name))
+  if changed:
+    raise ConfigError(f"stage {setup.name!r} in {setup.dir} is finished, but these config keys "
+                      f"changed since: {', '.join(changed)}. Use a new workdir, or delete "
+                      f"{setup.dir} to rerun it.")
+  return True
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs every stage of `config` in order into `workdir`; returns the combined results.
+
+  Raises ConfigError (bad config, nothing written), Preempted (checkpoint saved) or
+  NonFiniteError (last good checkpoint kept).
+  """
+  workdir = _absolute(workdir)
+  mesh = parallel.make_mesh()
+  if not config.stages:
+    raise ConfigError("config.stages is empty")
+  setups = [_Setup(config, name, workdir, mesh) for name in config.stages]
+  finished = {s.name: _check_finished(s, config) for s in setups}
+  if metric_writers.is_writer():
+    workdir.mkdir(parents=True, exist_ok=True)
+    metric_writers.write_json_atomic(workdir / "config.json", config.to_dict())
+    metric_writers.write_json_atomic(workdir / "run.json", run_info.collect(config, setups[0].sources))
+  old_handler = signal.signal(signal.SIGTERM, _on_sigterm)
+  try:
+    for setup in setups:
+      if finished[setup.name]:
+        logging.info("[%s] finished earlier; skipped", setup.name)
+        continue
+      if metric_writers.is_writer():
+        setup.dir.mkdir(parents=True, exist_ok=True)
+        metric_writers.write_json_atomic(setup.dir / "stage_config.json",
+                                         _stage_config(config, setup.name))
+      finish_stage(setup, train_stage(setup, workdir))
+  finally:
+    signal.signal(signal.SIGTERM, old_handler)
+  columns = [c for s in setups if s.task.in_table for c in s.task.columns]
+  return collect_results(workdir, [s.name for s in setups], list(dict.fromkeys(columns)))
+
+
+def _absolute(path: str | epath.Path) -> epath.Path:
+  """orbax wants absolute paths; gs:// ones already are."""
+  path = epath.Path(path)
+  return path if "://" in str(path) else epath.Path(os.path.abspath(path))
+
+
+def collect_results(workdir: epath.Path, names: list[str], columns: list[str]) -> dict:
+  """Merges the stages' results.json into workdir/results.json and prints the table."""
+  results = {"stages": {}, "table": []}
+  for name in names:
+    stage_results = metric_writers.read_json(workdir / name / "results.json")
+    results["stages"].update(stage_results["stages"])
+    results["table"].extend(stage_results["table"])
+  metric_writers.write_json_atomic(workdir / "results.json", results)
+  if results["table"] and metric_writers.is_writer():
+    print(markdown_table(results["table"], columns), flush=True)
+  return results

@@ -1,0 +1,42 @@
+"""medguide_jax: five medical-imaging methods on one JAX/Flax trainer."""
+from setuptools import find_packages, setup
+
+setup(
+    name="medguide_jax",
+    version="0.1.0",
+    description="JAX/Flax research code for deep learning on medical images",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["medguide_jax", "medguide_jax.*", "data_prep", "data_prep.*",
+                                    "configs"]),
+    install_requires=[
+        # jax 0.11+ needs Python 3.12; on 3.10/3.11 pip resolves 0.10.x. Both are admitted.
+        "jax>=0.10.0,<0.12",
+        "jaxlib>=0.10.0,<0.12",
+        "flax>=0.12.0,<0.13",
+        "optax>=0.2.6,<0.3",
+        "orbax-checkpoint>=0.12.0,<0.13",
+        "grain>=0.2.12,<0.3",
+        "tensorflow-datasets>=4.9.9,<5",  # ArrayRecord builders and data_source; no TensorFlow
+        "array-record>=0.8.1",
+        "ml-collections>=1.1.0,<2",
+        "chex>=0.1.90,<0.2",
+        "numpy>=1.26,<3",
+        "Pillow>=10.0",         # PNG (16-bit), JPEG decoding in grain transforms
+        "absl-py>=2.1",
+        "etils[epath]>=1.10",   # local and gs:// paths
+        "filelock>=3.12",       # one process prepares a synthetic dataset, others wait
+        "tensorboardX>=2.6",    # TensorBoard events without TensorFlow
+        "psutil>=5.9",          # peak host memory in the benchmark
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-xdist>=3.5"],
+        "gpu": ["jax[cuda12]>=0.10.0,<0.12"],
+        "tpu": ["jax[tpu]>=0.10.0,<0.12"],
+        "dicom": ["pydicom>=2.4"],
+        "nifti": ["nibabel>=5.0"],
+    },
+    entry_points={"console_scripts": ["medguide=medguide_jax.main:run"]},
+)

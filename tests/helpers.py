@@ -1,0 +1,64 @@
+"""Shared test utilities: tiny guidance configs and running the CLI in a subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_guidance_config(stages=("inferior",), steps: int = 6, batch: int = 16):
+  """The smoke guidance config cut to a few steps of a few stages at 32 px."""
+  from configs import guidance  # pylint: disable=g-import-not-at-top
+  c = guidance.get_config("dataset=synthetic,smoke")
+  c.data.image_size = 32
+  c.model.encoder_kwargs.width = 8
+  c.model.guidance_hidden = (32, 32)
+  for name in list(c.stages):
+    if name not in stages:
+      del c.stages[name]
+      continue
+    s = c.stages[name]
+    s.num_steps, s.batch_size, s.eval_batch_size = steps, batch, 64
+    s.log_every, s.eval_every, s.checkpoint_every, s.bootstrap = 1, 2, 2, 20
+    s.opt.warmup_steps = 0
+  return c
+
+
+def overrides(stages=("inferior",), steps: int = 6, batch: int = 16) -> list[str]:
+  """The same tiny config as command-line overrides of configs/guidance.py:smoke."""
+  args = ["--config.data.image_size=32", "--config.model.encoder_kwargs.width=8",
+          "--config.model.guidance_hidden=(32,32)"]
+  for name in stages:
+    for key, value in (("num_steps", steps), ("batch_size", batch), ("eval_batch_size", 64),
+                       ("log_every", 1), ("eval_every", 2), ("checkpoint_every", 2),
+                       ("bootstrap", 20), ("opt.warmup_steps", 0)):
+      args.append(f"--config.stages.{name}.{key}={value}")
+  return args
+
+
+def run_main(workdir, args: list[str], *, devices: int = 8, env: dict | None = None,
+             config_arg: str = "dataset=synthetic,smoke,stages=inferior", timeout: int = 300,
+             check: bool = True) -> subprocess.CompletedProcess:
+  """python -m medguide_jax.main with `devices` fake CPU devices; returns the process."""
+  full_env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                  JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), **(env or {}))
+  cmd = [sys.executable, "-m", "medguide_jax.main",
+         f"--config=configs/guidance.py:{config_arg}", f"--workdir={workdir}"] + args
+  proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True,
+                        timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\n"
+                         f"STDERR:\n{proc.stderr[-6000:]}")
+  return proc
+
+
+def metrics_lines(path) -> list[dict]:
+  return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+
+
+def losses(path, key: str = "train/loss") -> list[float]:
+  return [m[key] for m in metrics_lines(path) if key in m]
