@@ -1,0 +1,223 @@
+"""Image encoders that return pooled feature vectors (no classifier).
+
+All encoders take NHWC images `x` of shape [B, H, W, C] (any float dtype; values are
+whatever the input pipeline produced, e.g. ImageNet-normalised pixels) and return
+global-average-pooled features of shape [B, D] in float32.
+
+Parameters are always float32; `dtype` only sets the compute dtype (e.g. jnp.bfloat16 for
+mixed precision). BatchNorm statistics live in the `batch_stats` collection and are taken
+over the whole batch passed in. The trainer runs the model under `jax.jit` on a globally
+sharded array, so the statistics are global without any `axis_name`.
+
+ResNets follow the v1.5 layout (torchvision's): the stride of a downsampling bottleneck
+sits in the 3x3 convolution, not in the first 1x1.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+Dtype = Any
+ModuleDef = Callable[..., nn.Module]
+
+# Kaiming-normal (fan_out) as in torchvision, since pretrained-style training assumes it.
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def _make_norm(norm: str, *, train: bool, dtype: Dtype, momentum: float) -> ModuleDef:
+  """Returns a norm-layer constructor; call it with `scale_init=` to override the scale.
+
+  Args:
+    norm: 'batch' (BatchNorm, stats in `batch_stats`) or 'group' (GroupNorm, no state).
+    train: BatchNorm uses batch statistics (and updates running ones) only when True.
+    dtype: compute dtype; parameters stay float32.
+    momentum: BatchNorm running-average decay (Flax convention: 0.9 == PyTorch's 0.1).
+  """
+  if norm == "batch":
+    return functools.partial(
+        nn.BatchNorm, use_running_average=not train, momentum=momentum, epsilon=1e-5,
+        dtype=dtype, param_dtype=jnp.float32)
+  if norm == "group":
+    return functools.partial(_GroupNorm, dtype=dtype)
+  raise ValueError(f"Unknown norm {norm!r}; expected 'batch' or 'group'.")
+
+
+class _GroupNorm(nn.Module):
+  """GroupNorm with 32 groups, or fewer when the channel count is not a multiple of 32."""
+  dtype: Dtype = jnp.float32
+  scale_init: Callable[..., Any] = nn.initializers.ones
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    # gcd keeps narrow test-sized networks (width 8, 16) valid.
+    groups = math.gcd(32, x.shape[-1])
+    return nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=self.dtype,
+                        param_dtype=jnp.float32, scale_init=self.scale_init)(x)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convolutions with an identity or 1x1-projection shortcut (ResNet-18/34).
+
+  Output channels: `filters`. Spatial size is divided by `strides`.
+  """
+  filters: int
+  conv: ModuleDef
+  norm: ModuleDef
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    residual = x
+    y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name="conv1")(x)
+    y = nn.relu(self.norm(name="norm1")(y))
+    y = self.conv(self.filters, (3, 3), name="conv2")(y)
+    # Zero-init of the last scale makes each block start as the identity (Goyal et al.).
+    y = self.norm(scale_init=nn.initializers.zeros, name="norm2")(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters, (1, 1), (self.strides, self.strides),
+                           name="proj_conv")(residual)
+      residual = self.norm(name="proj_norm")(residual)
+    return nn.relu(residual + y)
+
+
+class BottleneckBlock(nn.Module):
+  """1x1 -> 3x3 (strided, v1.5) -> 1x1 (4x expansion) bottleneck block (ResNet-50).
+
+  Output channels: 4 * `filters`. Spatial size is divided by `strides`.
+  """
+  filters: int
+  conv: ModuleDef
+  norm: ModuleDef
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    residual = x
+    y = self.conv(self.filters, (1, 1), name="conv1")(x)
+    y = nn.relu(self.norm(name="norm1")(y))
+    y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name="conv2")(y)
+    y = nn.relu(self.norm(name="norm2")(y))
+    y = self.conv(self.filters * 4, (1, 1), name="conv3")(y)
+    y = self.norm(scale_init=nn.initializers.zeros, name="norm3")(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters * 4, (1, 1), (self.strides, self.strides),
+                           name="proj_conv")(residual)
+      residual = self.norm(name="proj_norm")(residual)
+    return nn.relu(residual + y)
+
+
+_BLOCKS = {"basic": BasicBlock, "bottleneck": BottleneckBlock}
+
+
+class ResNet(nn.Module):
+  """ResNet encoder: 7x7/2 stem, 3x3/2 max-pool, residual stages, global average pool.
+
+  Attributes:
+    stage_sizes: blocks per stage, e.g. (2, 2, 2, 2) for ResNet-18.
+    block: 'basic' (feature dim 8 * width) or 'bottleneck' (feature dim 32 * width).
+    width: channels of the stem and of the first stage.
+    dtype: compute dtype; parameters and the returned features are float32.
+    norm: 'batch' or 'group'.
+    bn_momentum: BatchNorm running-average decay.
+  """
+  stage_sizes: Sequence[int]
+  block: str = "basic"
+  width: int = 64
+  dtype: Dtype = jnp.float32
+  norm: str = "batch"
+  bn_momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    """Maps images [B, H, W, C] to float32 features [B, D]."""
+    if self.block not in _BLOCKS:
+      raise ValueError(f"Unknown block {self.block!r}; expected one of {sorted(_BLOCKS)}.")
+    block_cls = _BLOCKS[self.block]
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+                             param_dtype=jnp.float32, kernel_init=_conv_init)
+    norm = _make_norm(self.norm, train=train, dtype=self.dtype, momentum=self.bn_momentum)
+
+    x = jnp.asarray(x, self.dtype)
+    x = conv(self.width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="stem_conv")(x)
+    x = nn.relu(norm(name="stem_norm")(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for i, num_blocks in enumerate(self.stage_sizes):
+      for j in range(num_blocks):
+        strides = 2 if i > 0 and j == 0 else 1
+        x = block_cls(filters=self.width * 2**i, conv=conv, norm=norm, strides=strides,
+                      name=f"stage{i + 1}_block{j + 1}")(x)
+    # Pool in float32: a bf16 mean over many positions loses precision.
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+class TinyCNN(nn.Module):
+  """Three stride-2 conv+BN+ReLU layers and global average pooling, for CPU smoke runs.
+
+  Feature dim is 4 * width. Same call signature as `ResNet`.
+  """
+  width: int = 16
+  dtype: Dtype = jnp.float32
+  norm: str = "batch"
+  bn_momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    """Maps images [B, H, W, C] to float32 features [B, 4 * width]."""
+    norm = _make_norm(self.norm, train=train, dtype=self.dtype, momentum=self.bn_momentum)
+    x = jnp.asarray(x, self.dtype)
+    for i, mult in enumerate((1, 2, 4)):
+      x = nn.Conv(self.width * mult, (3, 3), (2, 2), use_bias=False, dtype=self.dtype,
+                  param_dtype=jnp.float32, kernel_init=_conv_init, name=f"conv{i}")(x)
+      x = nn.relu(norm(name=f"norm{i}")(x))
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+# name -> (constructor, default attributes).
+_ENCODERS: dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]] = {
+    "tiny_cnn": (TinyCNN, {"width": 16}),
+    "resnet18": (ResNet, {"stage_sizes": (2, 2, 2, 2), "block": "basic", "width": 64}),
+    "resnet34": (ResNet, {"stage_sizes": (3, 4, 6, 3), "block": "basic", "width": 64}),
+    "resnet50": (ResNet, {"stage_sizes": (3, 4, 6, 3), "block": "bottleneck", "width": 64}),
+}
+
+
+def _config(name: str, kw: dict[str, Any]) -> tuple[Callable[..., nn.Module], dict[str, Any]]:
+  if name not in _ENCODERS:
+    raise ValueError(f"Unknown encoder {name!r}; valid names: {sorted(_ENCODERS)}.")
+  ctor, defaults = _ENCODERS[name]
+  return ctor, {**defaults, **kw}
+
+
+def get_encoder(name: str, *, dtype: Dtype = jnp.float32, **kw: Any) -> nn.Module:
+  """Builds an encoder by name ('tiny_cnn', 'resnet18', 'resnet34', 'resnet50').
+
+  Args:
+    name: encoder name.
+    dtype: compute dtype (parameters stay float32).
+    **kw: overrides of the module attributes, e.g. width=32, norm='group'.
+
+  Returns:
+    A module called as `module.apply(variables, x [B,H,W,C], train=...) -> [B, D]`.
+
+  Raises:
+    ValueError: for an unknown name.
+  """
+  ctor, attrs = _config(name, kw)
+  return ctor(**attrs, dtype=dtype)
+
+
+def feature_dim(name: str, **kw: Any) -> int:
+  """Feature dim D of `get_encoder(name, **kw)`, e.g. 512 for resnet18, 2048 for resnet50.
+
+  Raises:
+    ValueError: for an unknown name.
+  """
+  ctor, attrs = _config(name, kw)
+  if ctor is TinyCNN:
+    return 4 * attrs["width"]
+  expansion = 4 if attrs["block"] == "bottleneck" else 1
+  return attrs["width"] * 2**(len(attrs["stage_sizes"]) - 1) * expansion
