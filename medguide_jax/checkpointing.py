@@ -7,12 +7,15 @@ with a warning in favour of the previous one.
 """
 from __future__ import annotations
 
+import time
+
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 
 class CheckpointMismatchError(ValueError):
@@ -26,8 +29,11 @@ class Checkpointer:
     self.directory = epath.Path(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
+    # Handlers registered up front, so metadata and restore work before any save.
+    handlers = {"state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler()}
     self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "data"))
+                                          item_handlers=handlers)
 
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -54,15 +60,26 @@ class Checkpointer:
   def restore_latest(self, abstract_state, data_iterator):
     """(step, state) from the newest readable checkpoint, or (None, None) if none is."""
     for step in reversed(self.steps()):
-      self.check_fits(step, abstract_state)
       try:
+        self.check_fits(step, abstract_state)
         return step, self.restore(step, abstract_state, data_iterator)
       except CheckpointMismatchError:
         raise
       except Exception as e:  # corrupt or truncated files: fall back one checkpoint
-        logging.warning("checkpoint %s is unreadable (%s); falling back to the previous one",
-                        self.directory / str(step), e)
+        self._set_aside(step, e)
     return None, None
+
+  def _set_aside(self, step: int, error: Exception) -> None:
+    """Moves an unreadable step out of the way (kept for inspection, never deleted)."""
+    aside = self.directory.parent / "checkpoints_unreadable"
+    logging.warning("checkpoint %s is unreadable (%s); moved to %s, falling back to the "
+                    "previous one", self.directory / str(step), error, aside)
+    if jax.process_index() == 0:
+      aside.mkdir(parents=True, exist_ok=True)
+      (self.directory / str(step)).rename(aside / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("medguide_checkpoint_set_aside")
+    self._manager.reload()
 
   def restore(self, step: int, abstract_state, data_iterator=None):
     items = dict(state=ocp.args.StandardRestore(abstract_state))

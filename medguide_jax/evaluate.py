@@ -56,7 +56,7 @@ def load_run(workdir: str | epath.Path, stage: str | None = None) -> Run:
   """The config, model and parameters of a finished stage (default: config.default_stage)."""
   workdir = epath.Path(workdir)
   config = load_config(workdir)
-  stage = stage or config.get("default_stage") or list(config.stages)[-1]
+  stage = stage or config.get("default_stage") or train.stage_order(config)[-1]
   if stage not in config.stages:
     raise ValueError(f"stage {stage!r} is not in {workdir}; stages: {list(config.stages)}")
   if not (workdir / stage / "results.json").exists():
@@ -74,7 +74,7 @@ def main(argv) -> int:
   del argv
   workdir = epath.Path(_WORKDIR.value)
   config = load_config(workdir)
-  names = _STAGES.value or [s for s in config.stages if (workdir / s / "results.json").exists()]
+  names = _STAGES.value or [s for s in train.stage_order(config) if (workdir / s / "results.json").exists()]
   results, columns = {"stages": {}, "table": []}, []
   for name in names:
     run = load_run(workdir, name)

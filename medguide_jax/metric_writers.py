@@ -22,7 +22,7 @@ def write_json_atomic(path: epath.Path, obj) -> None:
   path = epath.Path(path)
   tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
   tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
-  tmp.rename(path)
+  tmp.replace(path)
 
 
 def _jsonable(x):

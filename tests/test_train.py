@@ -1,0 +1,168 @@
+"""The trainer's contracts: resume, sharding, results, errors (in-process, tiny configs)."""
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from medguide_jax import checkpointing, train
+from tests import helpers
+
+
+def _params_of(workdir, stage="inferior"):
+  return checkpointing.load_variables(workdir / stage / "variables")
+
+
+def _assert_trees_equal(a, b):
+  for (pa, xa), (_, xb) in zip(jax.tree_util.tree_leaves_with_path(a),
+                               jax.tree_util.tree_leaves_with_path(b)):
+    np.testing.assert_array_equal(xa, xb, err_msg=jax.tree_util.keystr(pa))
+
+
+def _train_metrics(workdir, stage="inferior"):
+  lines = helpers.metrics_lines(workdir / stage / "metrics.jsonl")
+  return [{k: v for k, v in l.items() if not k.endswith(("_sec", "per_sec"))} for l in lines]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  results = train.train_and_evaluate(helpers.tiny_guidance_config(steps=7), str(workdir))
+  return workdir, results
+
+
+def test_outputs_follow_the_contract(uninterrupted):
+  workdir, results = uninterrupted
+  for name in ("config.json", "run.json", "results.json"):
+    assert (workdir / name).exists(), name
+  stage = results["stages"]["inferior"]
+  assert stage["checkpoint"] == "best" and 1 <= stage["step"] <= 7
+  assert {"test/mean/balanced_accuracy", "validation/loss", "test/DIAG/auc"} <= set(stage["metrics"])
+  row = results["table"][0]
+  assert row["model"] == "inferior"
+  lo, hi = row["mean/balanced_accuracy_ci95"]
+  assert lo <= row["mean/balanced_accuracy"] <= hi
+  lines = helpers.metrics_lines(workdir / "inferior" / "metrics.jsonl")
+  assert [l["step"] for l in lines] == list(range(1, 8))
+  assert all("train/loss" in l for l in lines)
+  assert "eval/validation/loss" in lines[1]
+  run = json.loads((workdir / "run.json").read_text())
+  assert run["device_count"] == 8 and run["process_count"] == 1
+  assert run["datasets"][0]["examples"]["test"] == 400
+
+
+class _Crash(Exception):
+  pass
+
+
+def test_resumed_equals_uninterrupted(uninterrupted, tmp_path, monkeypatch):
+  """Killed after step 5 (last checkpoint at 4), then rerun: bitwise the same end."""
+  reference, _ = uninterrupted
+  real_save = checkpointing.Checkpointer.save
+
+  def save_then_crash(self, step, state, data_iter):
+    real_save(self, step, state, data_iter)
+    if step == 4:
+      self.wait()
+      raise _Crash()
+
+  monkeypatch.setattr(checkpointing.Checkpointer, "save", save_then_crash)
+  with pytest.raises(_Crash):
+    train.train_and_evaluate(helpers.tiny_guidance_config(steps=7), str(tmp_path))
+  monkeypatch.setattr(checkpointing.Checkpointer, "save", real_save)
+  assert not (tmp_path / "inferior" / "results.json").exists()
+  train.train_and_evaluate(helpers.tiny_guidance_config(steps=7), str(tmp_path))
+  _assert_trees_equal(_params_of(reference), _params_of(tmp_path))
+  assert _train_metrics(reference) == _train_metrics(tmp_path)
+
+
+def test_corrupt_latest_checkpoint_falls_back(uninterrupted, tmp_path, monkeypatch):
+  real_save = checkpointing.Checkpointer.save
+
+  def save_then_crash(self, step, state, data_iter):
+    real_save(self, step, state, data_iter)
+    if step == 6:
+      self.wait()
+      raise _Crash()
+
+  monkeypatch.setattr(checkpointing.Checkpointer, "save", save_then_crash)
+  with pytest.raises(_Crash):
+    train.train_and_evaluate(helpers.tiny_guidance_config(steps=7), str(tmp_path))
+  monkeypatch.setattr(checkpointing.Checkpointer, "save", real_save)
+  ckpt_dir = tmp_path / "inferior" / "checkpoints" / "6" / "state"
+  victims = [p for p in ckpt_dir.rglob("*") if p.is_file() and p.stat().st_size > 100]
+  assert victims
+  for p in victims:  # truncate every data file of the newest checkpoint
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 3])
+  train.train_and_evaluate(helpers.tiny_guidance_config(steps=7), str(tmp_path))
+  _assert_trees_equal(_params_of(uninterrupted[0]), _params_of(tmp_path))
+
+
+def test_finished_stage_is_skipped_and_guarded(uninterrupted):
+  workdir, results = uninterrupted
+  again = train.train_and_evaluate(helpers.tiny_guidance_config(steps=7), str(workdir))
+  assert again["table"] == results["table"]
+  changed = helpers.tiny_guidance_config(steps=7)
+  changed.stages.inferior.opt.lr = 0.5
+  with pytest.raises(train.ConfigError, match="stages.inferior.opt.lr"):
+    train.train_and_evaluate(changed, str(workdir))
+
+
+def test_checkpoint_that_does_not_fit_is_an_error(tmp_path):
+  config = helpers.tiny_guidance_config(steps=3)
+  config.stages.inferior.checkpoint_every = 1
+  config.stages.inferior.num_steps = 5
+  real_save = checkpointing.Checkpointer.save
+
+  def crash(self, step, state, data_iter):
+    real_save(self, step, state, data_iter)
+    self.wait()
+    raise _Crash()
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(checkpointing.Checkpointer, "save", crash)
+    with pytest.raises(_Crash):
+      train.train_and_evaluate(config, str(tmp_path))
+  before = sorted(p.name for p in (tmp_path / "inferior" / "checkpoints").iterdir())
+  wider = helpers.tiny_guidance_config(steps=5)
+  wider.model.encoder_kwargs.width = 16
+  with pytest.raises(checkpointing.CheckpointMismatchError, match="enc_inferior"):
+    train.train_and_evaluate(wider, str(tmp_path))
+  assert sorted(p.name for p in (tmp_path / "inferior" / "checkpoints").iterdir()) == before
+
+
+def test_batch_size_not_divisible_names_both_numbers(tmp_path):
+  config = helpers.tiny_guidance_config(batch=12)
+  with pytest.raises(ValueError, match=r"batch_size=12 .*8 devices"):
+    train.train_and_evaluate(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path):
+  config = helpers.tiny_guidance_config(steps=6)
+  config.stages.inferior.select = ""
+  config.stages.inferior.checkpoint_every = 1
+  config.stages.inferior.opt.name = "sgd"
+  config.stages.inferior.opt.lr = 1e36
+  with pytest.raises(train.NonFiniteError, match=r"at step \d"):
+    train.train_and_evaluate(config, str(tmp_path))
+  steps = checkpointing.Checkpointer(tmp_path / "inferior" / "checkpoints").steps()
+  lines = helpers.metrics_lines(tmp_path / "inferior" / "metrics.jsonl")
+  assert all(np.isfinite(l["train/loss"]) for l in lines if l["step"] in steps)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+  """Two micro-batches of 8 give the update of one batch of 16 (no BN: frozen encoder)."""
+  outs = []
+  for k in (1, 2):
+    config = helpers.tiny_guidance_config(stages=("inferior", "guidance"), steps=3)
+    config.model.guidance_dropout = 0.0  # micro-batches draw other dropout masks
+    config.stages.guidance.init_from = "inferior"  # superior stays random (and frozen)
+    config.stages.guidance.opt.accumulate_steps = k
+    config.stages.guidance.log_every = 1
+    workdir = tmp_path / f"k{k}"
+    train.train_and_evaluate(config, str(workdir))
+    outs.append(helpers.losses(workdir / "guidance" / "metrics.jsonl"))
+  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5)
