@@ -8,6 +8,7 @@ non-finite loss); 75 preempted after a successful save (launchers requeue on 75)
 """
 from __future__ import annotations
 
+import logging as logging_std
 import sys
 
 from absl import app, flags, logging
@@ -23,6 +24,15 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "With --coordinator_address
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(logging_std.Filter):
+  """Keeps orbax/tfds/grain INFO chatter out of the run's log; their warnings still show."""
+  NOISY = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/etils/")
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    return record.levelno >= logging_std.WARNING or not any(
+        n in record.pathname for n in self.NOISY)
+
+
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -34,6 +44,7 @@ def main(argv) -> int:
   # Imported here so that --help and flag errors answer without loading JAX.
   from medguide_jax import parallel, train  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     train.train_and_evaluate(config, _WORKDIR.value)
@@ -53,7 +64,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
   """Flag errors (unknown key, wrong type, bad config arg) exit 2 with absl's message."""
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
+  # config_flags reports an unknown or mistyped --config.key as AttributeError/TypeError/
+  # ValueError, and a failing get_config(arg) as whatever it raised.
+  except (flags.Error, AttributeError, TypeError, ValueError, KeyError) as e:
     print(f"usage error: {e}", file=sys.stderr)
     sys.exit(2)
 

@@ -24,10 +24,13 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
 
   Explicit flags win; else a TPU pod, SLURM (SLURM_NTASKS > 1) or `MEDGUIDE_DISTRIBUTED=1`
   lets JAX detect the cluster; else this is a single-process run and nothing happens.
+  With JAX_PLATFORMS=cpu, cross-process collectives go through gloo.
   """
+  # Decide from the environment only: asking JAX for its backend would start it, and
+  # jax.distributed.initialize must come before anything starts the backend.
+  if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if coordinator_address:
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
   elif (os.environ.get("MEDGUIDE_DISTRIBUTED") == "1"

@@ -537,6 +537,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     metric_writers.write_json_atomic(workdir / "config.json", config.to_dict())
     metric_writers.write_json_atomic(workdir / "run.json", run_info.collect(config, setups[0].sources))
+  _barrier("workdir created")
   old_handler = signal.signal(signal.SIGTERM, _on_sigterm)
   try:
     for setup in setups:
@@ -548,10 +549,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         metric_writers.write_json_atomic(setup.dir / "stage_config.json",
                                          _stage_config(config, setup.name))
       finish_stage(setup, train_stage(setup, workdir))
+      _barrier(f"stage {setup.name} finished")  # others read what process 0 wrote
   finally:
     signal.signal(signal.SIGTERM, old_handler)
   columns = [c for s in setups if s.task.in_table for c in s.task.columns]
   return collect_results(workdir, [s.name for s in setups], list(dict.fromkeys(columns)))
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def _absolute(path: str | epath.Path) -> epath.Path:

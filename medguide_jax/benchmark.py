@@ -1,0 +1,118 @@
+r"""Throughput of a stage's training step and of its input pipeline, as one JSON line.
+
+  python -m medguide_jax.benchmark \
+      --config=configs/guidance.py:dataset=synthetic,size=cpu,stages=inferior \
+      --config.data.image_size=128 [--stage=inferior] [--steps=20]
+
+Fields: examples_per_sec and step_time_sec of the jitted train step (on a device-resident
+batch, after warm-up), compile_time_sec, flops_per_step (XLA's cost analysis of the compiled
+step), peak_flops_per_sec (a measured float32 matmul on this device), mfu (= flops_per_step /
+step_time / peak), pipeline_examples_per_sec (the grain pipeline alone, decode + augment +
+batch), pipeline_to_step_ratio, peak_host_memory_gb.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from medguide_jax import parallel, train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config[:arg].",
+                                          lock_config=True)
+_STAGE = flags.DEFINE_string("stage", "", "Stage to time (default: the first in run order).")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after 3 warm-up steps).")
+_PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 30, "Batches to time the input.")
+
+
+def _block(tree):
+  return jax.tree.map(lambda x: x.block_until_ready(), tree)
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
+  """Measured float32 matmul FLOP/s of the default device (the best of `repeats`)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  mm = jax.jit(lambda x, y: x @ y)
+  _block(mm(a, a))
+  best = np.inf
+  for _ in range(repeats):
+    t = time.perf_counter()
+    _block(mm(a, a))
+    best = min(best, time.perf_counter() - t)
+  return 2 * n**3 / best
+
+
+def time_step(setup, workdir) -> dict:
+  """Compile and time the stage's train step on one device-resident batch."""
+  train_ds = setup.dataset("train", train=True)
+  host_batch = next(iter(train_ds))
+  abstract, shardings, fresh, tx = train._init_state(setup, host_batch, workdir)  # pylint: disable=protected-access
+  state = jax.jit(fresh, out_shardings=shardings)(train._init_key(0))  # pylint: disable=protected-access
+  frozen = train._frozen_state_mask(state.model_state, setup.stage.freeze)  # pylint: disable=protected-access
+  step = jax.jit(train.make_train_step(setup.task, tx, seed=0,
+                                       accumulate=setup.stage.opt.accumulate_steps,
+                                       frozen_state_mask=frozen),
+                 in_shardings=(shardings, parallel.batch_sharding(setup.mesh)),
+                 out_shardings=(shardings, parallel.replicated(setup.mesh)), donate_argnums=0)
+  batch = parallel.to_global(host_batch, setup.mesh)
+  t = time.perf_counter()
+  compiled = step.lower(abstract, batch).compile()
+  compile_time = time.perf_counter() - t
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  for _ in range(3):
+    state, _ = compiled(state, batch)
+  _block(state.params)
+  t = time.perf_counter()
+  for _ in range(_STEPS.value):
+    state, metrics = compiled(state, batch)
+  _block((state.params, metrics))
+  step_time = (time.perf_counter() - t) / _STEPS.value
+  return {"compile_time_sec": compile_time, "step_time_sec": step_time,
+          "examples_per_sec": setup.stage.batch_size / step_time,
+          "flops_per_step": float(cost.get("flops", float("nan")))}
+
+
+def time_pipeline(setup, batches: int) -> float:
+  """Examples/s of this process's input pipeline (host side only)."""
+  it = iter(setup.dataset("train", train=True))
+  next(it)  # start-up (threads, first reads) is not throughput
+  t = time.perf_counter()
+  n = 0
+  for _ in range(batches):
+    n += len(next(it)["labels"])
+  return n / (time.perf_counter() - t)
+
+
+def main(argv) -> int:
+  del argv
+  config = _CONFIG.value
+  workdir = train._absolute("/tmp/medguide_benchmark")  # pylint: disable=protected-access
+  name = _STAGE.value or train.stage_order(config)[0]
+  setup = train._Setup(config, name, workdir, parallel.make_mesh())  # pylint: disable=protected-access
+  result = {"config": name, "encoder": config.model.get("encoder", ""),
+            "image_size": config.data.image_size, "batch_size": setup.stage.batch_size,
+            "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
+            "compute_dtype": config.compute_dtype}
+  result.update(time_step(setup, workdir))
+  result["peak_flops_per_sec"] = matmul_peak_flops()
+  result["mfu"] = result["flops_per_step"] / result["step_time_sec"] / (
+      result["peak_flops_per_sec"] * jax.device_count())
+  result["pipeline_examples_per_sec"] = time_pipeline(setup, _PIPELINE_BATCHES.value)
+  result["pipeline_to_step_ratio"] = (result["pipeline_examples_per_sec"]
+                                      / result["examples_per_sec"])
+  result["peak_host_memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+  return 0
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(lambda argv: sys.exit(main(argv)))
