@@ -1,7 +1,9 @@
 """Random-access TFDS sources (ArrayRecord through tfds.data_source; no TensorFlow)."""
 from __future__ import annotations
 
+import jax
 import ml_collections
+from jax.experimental import multihost_utils
 
 from medguide_jax.data import builders
 
@@ -9,10 +11,21 @@ from medguide_jax.data import builders
 LAYOUTS = {"synthetic_paired": "paired", "derm7pt": "paired"}
 
 
+def _prepare(data: ml_collections.ConfigDict):
+  """The builder, prepared once: process 0 first, then the others (the file lock only
+  coordinates processes of one host; a gs:// data dir is shared by many)."""
+  prepare = lambda: builders.prepare(data.name, data_dir=data.data_dir or None,
+                                     manual_dir=data.manual_dir or None)
+  if jax.process_count() == 1:
+    return prepare()
+  builder = prepare() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices(f"prepared {data.name}")
+  return builder or prepare()
+
+
 def open_splits(data: ml_collections.ConfigDict, splits: tuple[str, ...]) -> dict:
-  """{split: random-access source}; prepares the dataset on first use (under a file lock)."""
-  builder = builders.prepare(data.name, data_dir=data.data_dir or None,
-                             manual_dir=data.manual_dir or None)
+  """{split: random-access source}; prepares the dataset on first use."""
+  builder = _prepare(data)
   missing = [s for s in splits if s not in builder.info.splits]
   if missing:
     raise ValueError(f"dataset {data.name!r} has no split(s) {missing}; "
@@ -23,6 +36,6 @@ def open_splits(data: ml_collections.ConfigDict, splits: tuple[str, ...]) -> dic
 def dataset_record(data: ml_collections.ConfigDict, sources: dict) -> dict:
   """Name, version and example counts, for run.json."""
   builder = builders.prepare(data.name, data_dir=data.data_dir or None,
-                             manual_dir=data.manual_dir or None)
+                             manual_dir=data.manual_dir or None)  # prepared: only opens
   return {"name": data.name, "version": str(builder.info.version),
           "examples": {s: len(src) for s, src in sources.items()}}
