@@ -21,6 +21,8 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from medguide_jax.models import conv as conv_lib
+
 Dtype = Any
 ModuleDef = Callable[..., nn.Module]
 
@@ -138,7 +140,8 @@ class ResNet(nn.Module):
       raise ValueError(f"Unknown block {self.block!r}; expected one of {sorted(_BLOCKS)}.")
     block_cls = _BLOCKS[self.block]
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             param_dtype=jnp.float32, kernel_init=_conv_init)
+                             param_dtype=jnp.float32, kernel_init=_conv_init,
+                             conv_general_dilated=conv_lib.conv_general_dilated)
     norm = _make_norm(self.norm, train=train, dtype=self.dtype, momentum=self.bn_momentum)
 
     x = jnp.asarray(x, self.dtype)
@@ -171,7 +174,8 @@ class TinyCNN(nn.Module):
     x = jnp.asarray(x, self.dtype)
     for i, mult in enumerate((1, 2, 4)):
       x = nn.Conv(self.width * mult, (3, 3), (2, 2), use_bias=False, dtype=self.dtype,
-                  param_dtype=jnp.float32, kernel_init=_conv_init, name=f"conv{i}")(x)
+                  param_dtype=jnp.float32, kernel_init=_conv_init, name=f"conv{i}",
+                  conv_general_dilated=conv_lib.conv_general_dilated)(x)
       x = nn.relu(norm(name=f"norm{i}")(x))
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
