@@ -12,6 +12,10 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+
+# grain's worker processes read absl flags; under pytest nobody parses them.
+flags.FLAGS.mark_as_parsed()
 
 
 @pytest.fixture(scope="session", autouse=True)

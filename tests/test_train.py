@@ -166,3 +166,34 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     train.train_and_evaluate(config, str(workdir))
     outs.append(helpers.losses(workdir / "guidance" / "metrics.jsonl"))
   np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5)
+
+
+def test_fsdp_sharding_trains_like_replicated(uninterrupted, tmp_path):
+  config = helpers.tiny_guidance_config(steps=7)
+  config.mesh.fsdp_rules = ".*"
+  config.mesh.min_fsdp_size_mb = 0.0
+  train.train_and_evaluate(config, str(tmp_path))
+  np.testing.assert_allclose(helpers.losses(tmp_path / "inferior" / "metrics.jsonl"),
+                             helpers.losses(uninterrupted[0] / "inferior" / "metrics.jsonl"),
+                             rtol=1e-5)
+
+
+def test_fsdp_rules_shard_the_largest_divisible_dimension():
+  from medguide_jax import parallel  # pylint: disable=g-import-not-at-top
+  mesh = parallel.make_mesh()
+  tree = {"enc": {"kernel": jax.ShapeDtypeStruct((3, 3, 5, 64), np.float32),
+                  "odd": jax.ShapeDtypeStruct((3, 5), np.float32)},
+          "head": {"kernel": jax.ShapeDtypeStruct((64, 16), np.float32)}}
+  shardings = parallel.param_shardings(mesh, tree, "enc/.*", min_size_mb=0.0)
+  assert shardings["enc"]["kernel"].spec == jax.sharding.PartitionSpec(None, None, None, "data")
+  assert shardings["enc"]["odd"].spec == jax.sharding.PartitionSpec()   # nothing divides by 8
+  assert shardings["head"]["kernel"].spec == jax.sharding.PartitionSpec()  # rule does not match
+
+
+def test_bfloat16_compute_keeps_float32_parameters(tmp_path):
+  config = helpers.tiny_guidance_config(steps=2)
+  config.compute_dtype = "bfloat16"
+  train.train_and_evaluate(config, str(tmp_path))
+  variables = _params_of(tmp_path)
+  assert {x.dtype for x in jax.tree.leaves(variables["params"])} == {np.dtype(np.float32)}
+  assert np.all(np.isfinite(helpers.losses(tmp_path / "inferior" / "metrics.jsonl")))
