@@ -216,6 +216,10 @@ class _Setup:
     self.config, self.name, self.mesh = config, name, mesh
     self.stage = stage = config.stages[name]
     self.dir = workdir / name
+    self.tracing = False  # a profiler trace is open (config.profile_steps)
+    if config.profile_steps and not re.fullmatch(r"\d+:\d+", config.profile_steps):
+      raise ConfigError(f"profile_steps={config.profile_steps!r}: expected 'start:stop', "
+                        "e.g. '10:15'")
     parallel.check_batch_size(stage.batch_size, f"stages.{name}.batch_size")
     parallel.check_batch_size(stage.eval_batch_size, f"stages.{name}.eval_batch_size")
     if stage.opt.accumulate_steps > 1 and (stage.batch_size // jax.device_count()
@@ -374,14 +378,18 @@ def _check_finite(setup: _Setup, state: TrainState) -> None:
 
 
 def _profile(setup: _Setup, step: int) -> None:
+  """Traces steps [start, stop) of `config.profile_steps='start:stop'` into <stage>/profile;
+  step=-1 closes a trace still open when the stage ends."""
   window = setup.config.profile_steps
   if not window:
     return
   start, stop = (int(x) for x in window.split(":"))
   if step == start:
     jax.profiler.start_trace(str(setup.dir / "profile"))
-  elif step == stop:
+    setup.tracing = True
+  elif setup.tracing and (step == stop or step == -1):
     jax.profiler.stop_trace()
+    setup.tracing = False
 
 
 def _every(n: int, step: int, last: int) -> bool:

@@ -197,3 +197,13 @@ def test_bfloat16_compute_keeps_float32_parameters(tmp_path):
   variables = _params_of(tmp_path)
   assert {x.dtype for x in jax.tree.leaves(variables["params"])} == {np.dtype(np.float32)}
   assert np.all(np.isfinite(helpers.losses(tmp_path / "inferior" / "metrics.jsonl")))
+
+
+def test_profile_window_writes_a_trace(tmp_path):
+  config = helpers.tiny_guidance_config(steps=3)
+  config.profile_steps = "1:9"  # runs past the end: closed when the stage ends
+  train.train_and_evaluate(config, str(tmp_path))
+  assert list((tmp_path / "inferior" / "profile").rglob("*.xplane.pb"))
+  config.profile_steps = "1-9"
+  with pytest.raises(train.ConfigError, match="profile_steps"):
+    train.train_and_evaluate(config, str(tmp_path / "other"))
