@@ -57,40 +57,35 @@ class _Crash(Exception):
   pass
 
 
-def test_resumed_equals_uninterrupted(uninterrupted, tmp_path, monkeypatch):
-  """Killed after step 5 (last checkpoint at 4), then rerun: bitwise the same end."""
-  reference, _ = uninterrupted
+def _crash_after_checkpoint(config, workdir, crash_step=None) -> None:
+  """Runs `config` until the checkpoint of `crash_step` (any step if None) is on disk,
+  then dies as a killed process would: nothing after that save happens."""
   real_save = checkpointing.Checkpointer.save
 
   def save_then_crash(self, step, state, data_iter):
     real_save(self, step, state, data_iter)
-    if step == 4:
+    if crash_step is None or step == crash_step:
       self.wait()
       raise _Crash()
 
-  monkeypatch.setattr(checkpointing.Checkpointer, "save", save_then_crash)
-  with pytest.raises(_Crash):
-    train.train_and_evaluate(helpers.tiny_guidance_config(steps=7), str(tmp_path))
-  monkeypatch.setattr(checkpointing.Checkpointer, "save", real_save)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(checkpointing.Checkpointer, "save", save_then_crash)
+    with pytest.raises(_Crash):
+      train.train_and_evaluate(config, str(workdir))
+
+
+def test_resumed_equals_uninterrupted(uninterrupted, tmp_path):
+  """Killed after the checkpoint of step 4, then rerun: bitwise the same end."""
+  reference, _ = uninterrupted
+  _crash_after_checkpoint(helpers.tiny_guidance_config(steps=7), tmp_path, crash_step=4)
   assert not (tmp_path / "inferior" / "results.json").exists()
   train.train_and_evaluate(helpers.tiny_guidance_config(steps=7), str(tmp_path))
   _assert_trees_equal(_params_of(reference), _params_of(tmp_path))
   assert _train_metrics(reference) == _train_metrics(tmp_path)
 
 
-def test_corrupt_latest_checkpoint_falls_back(uninterrupted, tmp_path, monkeypatch):
-  real_save = checkpointing.Checkpointer.save
-
-  def save_then_crash(self, step, state, data_iter):
-    real_save(self, step, state, data_iter)
-    if step == 6:
-      self.wait()
-      raise _Crash()
-
-  monkeypatch.setattr(checkpointing.Checkpointer, "save", save_then_crash)
-  with pytest.raises(_Crash):
-    train.train_and_evaluate(helpers.tiny_guidance_config(steps=7), str(tmp_path))
-  monkeypatch.setattr(checkpointing.Checkpointer, "save", real_save)
+def test_corrupt_latest_checkpoint_falls_back(uninterrupted, tmp_path):
+  _crash_after_checkpoint(helpers.tiny_guidance_config(steps=7), tmp_path, crash_step=6)
   ckpt_dir = tmp_path / "inferior" / "checkpoints" / "6" / "state"
   victims = [p for p in ckpt_dir.rglob("*") if p.is_file() and p.stat().st_size > 100]
   assert victims
@@ -98,6 +93,7 @@ def test_corrupt_latest_checkpoint_falls_back(uninterrupted, tmp_path, monkeypat
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 3])
   train.train_and_evaluate(helpers.tiny_guidance_config(steps=7), str(tmp_path))
   _assert_trees_equal(_params_of(uninterrupted[0]), _params_of(tmp_path))
+  assert list((tmp_path / "inferior" / "checkpoints_unreadable").iterdir())
 
 
 def test_finished_stage_is_skipped_and_guarded(uninterrupted):
@@ -111,20 +107,9 @@ def test_finished_stage_is_skipped_and_guarded(uninterrupted):
 
 
 def test_checkpoint_that_does_not_fit_is_an_error(tmp_path):
-  config = helpers.tiny_guidance_config(steps=3)
+  config = helpers.tiny_guidance_config(steps=5)
   config.stages.inferior.checkpoint_every = 1
-  config.stages.inferior.num_steps = 5
-  real_save = checkpointing.Checkpointer.save
-
-  def crash(self, step, state, data_iter):
-    real_save(self, step, state, data_iter)
-    self.wait()
-    raise _Crash()
-
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(checkpointing.Checkpointer, "save", crash)
-    with pytest.raises(_Crash):
-      train.train_and_evaluate(config, str(tmp_path))
+  _crash_after_checkpoint(config, tmp_path)
   before = sorted(p.name for p in (tmp_path / "inferior" / "checkpoints").iterdir())
   wider = helpers.tiny_guidance_config(steps=5)
   wider.model.encoder_kwargs.width = 16
