@@ -13,6 +13,7 @@ batch), pipeline_to_step_ratio, peak_host_memory_gb.
 from __future__ import annotations
 
 import json
+import tempfile
 import resource
 import sys
 import time
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from etils import epath
 from ml_collections import config_flags
 
 from medguide_jax import parallel, train
@@ -49,18 +51,13 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
   return 2 * n**3 / best
 
 
-def time_step(setup, workdir) -> dict:
+def time_step(setup) -> dict:
   """Compile and time the stage's train step on one device-resident batch."""
   train_ds = setup.dataset("train", train=True)
   host_batch = next(iter(train_ds))
-  abstract, shardings, fresh, tx = train._init_state(setup, host_batch, workdir)  # pylint: disable=protected-access
-  state = jax.jit(fresh, out_shardings=shardings)(train._init_key(0))  # pylint: disable=protected-access
-  frozen = train._frozen_state_mask(state.model_state, setup.stage.freeze)  # pylint: disable=protected-access
-  step = jax.jit(train.make_train_step(setup.task, tx, seed=0,
-                                       accumulate=setup.stage.opt.accumulate_steps,
-                                       frozen_state_mask=frozen),
-                 in_shardings=(shardings, parallel.batch_sharding(setup.mesh)),
-                 out_shardings=(shardings, parallel.replicated(setup.mesh)), donate_argnums=0)
+  abstract, shardings, fresh, tx = train.init_state(setup, host_batch)
+  state = jax.jit(fresh, out_shardings=shardings)(train.init_key(0))
+  step = train.jit_train_step(setup, tx, shardings, state.model_state)
   batch = parallel.to_global(host_batch, setup.mesh)
   t = time.perf_counter()
   compiled = step.lower(abstract, batch).compile()
@@ -94,14 +91,14 @@ def time_pipeline(setup, batches: int) -> float:
 def main(argv) -> int:
   del argv
   config = _CONFIG.value
-  workdir = train._absolute("/tmp/medguide_benchmark")  # pylint: disable=protected-access
+  workdir = epath.Path(tempfile.gettempdir()) / "medguide_benchmark"  # nothing is written
   name = _STAGE.value or train.stage_order(config)[0]
-  setup = train._Setup(config, name, workdir, parallel.make_mesh())  # pylint: disable=protected-access
+  setup = train.StageSetup(config, name, workdir, parallel.make_mesh())
   result = {"config": name, "encoder": config.model.get("encoder", ""),
             "image_size": config.data.image_size, "batch_size": setup.stage.batch_size,
             "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
             "compute_dtype": config.compute_dtype}
-  result.update(time_step(setup, workdir))
+  result.update(time_step(setup))
   result["peak_flops_per_sec"] = matmul_peak_flops()
   result["mfu"] = result["flops_per_step"] / result["step_time_sec"] / (
       result["peak_flops_per_sec"] * jax.device_count())

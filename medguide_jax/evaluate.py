@@ -61,7 +61,7 @@ def load_run(workdir: str | epath.Path, stage: str | None = None) -> Run:
     raise ValueError(f"stage {stage!r} is not in {workdir}; stages: {list(config.stages)}")
   if not (workdir / stage / "results.json").exists():
     raise FileNotFoundError(f"stage {stage!r} of {workdir} has not finished")
-  setup = train._Setup(config, stage, workdir, parallel.make_mesh())  # pylint: disable=protected-access
+  setup = train.StageSetup(config, stage, workdir, parallel.make_mesh())
   variables = checkpointing.load_variables(workdir / stage / "variables")
   return Run(config=config, stage=stage, task=setup.task, variables=variables, setup=setup)
 

@@ -209,7 +209,7 @@ def _load_init(variables: dict, stage, workdir: epath.Path) -> dict:
   return out
 
 
-class _Setup:
+class StageSetup:
   """The stage's pieces the loop and the evaluation share."""
 
   def __init__(self, config, name: str, workdir: epath.Path, mesh):
@@ -251,18 +251,18 @@ class _Setup:
         prefetch=self.config.data.prefetch)
 
 
-def _init_key(seed: int) -> jax.Array:
+def init_key(seed: int) -> jax.Array:
   """Parameter-init key. 'rbg' compiles in a fraction of threefry's time on CPU (ResNet
   init: seconds instead of tens of seconds); parameters are replicated, so the values do
   not depend on the device count. Dropout in the step stays on partitionable threefry."""
   return jax.random.key(seed, impl="rbg")
 
 
-def _init_state(setup: _Setup, example: dict, workdir: epath.Path):
+def init_state(setup: StageSetup, example: dict):
   """(abstract TrainState, its shardings, a function making the initial TrainState, tx)."""
   stage, task, mesh = setup.stage, setup.task, setup.mesh
   abstract_batch = _abstract_global(example, stage.batch_size, mesh)
-  abstract_vars = jax.eval_shape(task.init, _init_key(setup.config.seed), abstract_batch)
+  abstract_vars = jax.eval_shape(task.init, init_key(setup.config.seed), abstract_batch)
   params_shape = abstract_vars["params"]
   try:
     tx, _ = optim.make_optimizer(stage.opt, stage.num_steps, params_shape, freeze=stage.freeze)
@@ -280,7 +280,7 @@ def _init_state(setup: _Setup, example: dict, workdir: epath.Path):
                       best_step=jnp.zeros((), jnp.int32), evals_since_best=jnp.zeros((), jnp.int32),
                       bad_step=-jnp.ones((), jnp.int32))
 
-  abstract = jax.eval_shape(fresh, _init_key(0))
+  abstract = jax.eval_shape(fresh, init_key(0))
   shardings = parallel.param_shardings(mesh, abstract, setup.config.mesh.fsdp_rules,
                                        setup.config.mesh.min_fsdp_size_mb)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -288,7 +288,7 @@ def _init_state(setup: _Setup, example: dict, workdir: epath.Path):
   return abstract, shardings, fresh, tx
 
 
-def _restore_or_init(setup: _Setup, ckpt: checkpointing.Checkpointer, data_iter, abstract,
+def _restore_or_init(setup: StageSetup, ckpt: checkpointing.Checkpointer, data_iter, abstract,
                      shardings, fresh, workdir: epath.Path):
   """Restore order: this stage's checkpoint, config.resume, init_from, scratch."""
   step, state = ckpt.restore_latest(abstract, data_iter)
@@ -303,7 +303,7 @@ def _restore_or_init(setup: _Setup, ckpt: checkpointing.Checkpointer, data_iter,
                         f"{setup.name!r}")
     logging.info("[%s] resumed from %s at step %d", setup.name, other.directory, step)
     return state
-  state = jax.jit(fresh, out_shardings=shardings)(_init_key(setup.config.seed))
+  state = jax.jit(fresh, out_shardings=shardings)(init_key(setup.config.seed))
   if setup.stage.init_from:
     variables = _load_init({"params": state.params, **state.model_state}, setup.stage, workdir)
     params = variables.pop("params")
@@ -316,7 +316,7 @@ def _restore_or_init(setup: _Setup, ckpt: checkpointing.Checkpointer, data_iter,
 
 
 # --------------------------------------------------------------------------- evaluation
-def predict_split(setup: _Setup, variables: dict, split: str) -> dict[str, np.ndarray]:
+def predict_split(setup: StageSetup, variables: dict, split: str) -> dict[str, np.ndarray]:
   """The task's per-example outputs over a whole split: every example exactly once."""
   predict = setup.predict_fn()
   chunks = []
@@ -330,7 +330,7 @@ def predict_split(setup: _Setup, variables: dict, split: str) -> dict[str, np.nd
   return {k: v[keep] for k, v in outputs.items()}
 
 
-def evaluate_split(setup: _Setup, variables: dict, split: str, *, bootstrap: int = 0) -> dict:
+def evaluate_split(setup: StageSetup, variables: dict, split: str, *, bootstrap: int = 0) -> dict:
   outputs = predict_split(setup, variables, split)
   return setup.task.evaluate(outputs, bootstrap=bootstrap, seed=setup.config.seed)
 
@@ -345,7 +345,7 @@ def _scalars(metrics: dict, prefix: str) -> dict[str, float]:
           if np.ndim(v) == 0 and not k.endswith("_ci95")}
 
 
-def _track_best(setup: _Setup, state: TrainState, val: dict) -> TrainState:
+def _track_best(setup: StageSetup, state: TrainState, val: dict) -> TrainState:
   """Keeps the parameters with the best validation score (early stopping's memory)."""
   mode, _, key = setup.stage.select.partition(":")
   if key.removeprefix("val/") not in val:
@@ -369,7 +369,7 @@ def _copy(tree):
 
 
 # --------------------------------------------------------------------------- the loop
-def _check_finite(setup: _Setup, state: TrainState) -> None:
+def _check_finite(setup: StageSetup, state: TrainState) -> None:
   bad = int(state.bad_step)
   if bad >= 0:
     # bad_step counts from 0; logs and checkpoints number a step by the updates done after it.
@@ -377,7 +377,7 @@ def _check_finite(setup: _Setup, state: TrainState) -> None:
                          f"good checkpoint in {setup.dir / 'checkpoints'} is untouched")
 
 
-def _profile(setup: _Setup, step: int) -> None:
+def _profile(setup: StageSetup, step: int) -> None:
   """Traces steps [start, stop) of `config.profile_steps='start:stop'` into <stage>/profile;
   step=-1 closes a trace still open when the stage ends."""
   window = setup.config.profile_steps
@@ -396,20 +396,24 @@ def _every(n: int, step: int, last: int) -> bool:
   return step == last or (n > 0 and step % n == 0)
 
 
-def train_stage(setup: _Setup, workdir: epath.Path) -> TrainState:
+def jit_train_step(setup: StageSetup, tx, shardings, model_state):
+  """The stage's step, jitted with explicit shardings; the state is donated."""
+  step = make_train_step(setup.task, tx, seed=setup.config.seed,
+                         accumulate=setup.stage.opt.accumulate_steps,
+                         frozen_state_mask=_frozen_state_mask(model_state, setup.stage.freeze))
+  return jax.jit(step, in_shardings=(shardings, parallel.batch_sharding(setup.mesh)),
+                 out_shardings=(shardings, parallel.replicated(setup.mesh)), donate_argnums=0)
+
+
+def train_stage(setup: StageSetup, workdir: epath.Path) -> TrainState:
   """Trains one stage to num_steps (or early stop), resuming whatever was there."""
   stage, name = setup.stage, setup.name
   train_ds = setup.dataset("train", train=True)
   data_iter = iter(train_ds)
-  abstract, shardings, fresh, tx = _init_state(setup, _example_batch(train_ds), workdir)
+  abstract, shardings, fresh, tx = init_state(setup, _example_batch(train_ds))
   ckpt = checkpointing.Checkpointer(setup.dir / "checkpoints", keep=stage.keep_checkpoints)
   state = _restore_or_init(setup, ckpt, data_iter, abstract, shardings, fresh, workdir)
-  frozen_state = _frozen_state_mask(state.model_state, stage.freeze)
-  step_fn = jax.jit(make_train_step(setup.task, tx, seed=setup.config.seed,
-                                    accumulate=stage.opt.accumulate_steps,
-                                    frozen_state_mask=frozen_state),
-                    in_shardings=(shardings, parallel.batch_sharding(setup.mesh)),
-                    out_shardings=(shardings, parallel.replicated(setup.mesh)), donate_argnums=0)
+  step_fn = jit_train_step(setup, tx, shardings, state.model_state)
   first = int(state.step)
   writer = metric_writers.MetricWriter(setup.dir, resume_step=first)
   progress = metric_writers.Progress(stage.num_steps, first, name)
@@ -452,7 +456,7 @@ def train_stage(setup: _Setup, workdir: epath.Path) -> TrainState:
 
 
 # --------------------------------------------------------------------------- results
-def finish_stage(setup: _Setup, state: TrainState) -> dict:
+def finish_stage(setup: StageSetup, state: TrainState) -> dict:
   """Evaluates the selected parameters on every split and writes the stage's outputs."""
   which = "best" if setup.stage.select else "last"
   variables = _variables(state, which)
@@ -496,7 +500,7 @@ def markdown_table(table: list[dict], columns: list[str]) -> str:
 
 
 # --------------------------------------------------------------------------- stages
-def _check_finished(setup: _Setup, config) -> bool:
+def _check_finished(setup: StageSetup, config) -> bool:
   """True if the stage is done; a changed config for a done stage is an error."""
   saved = setup.dir / "stage_config.json"
   if not (setup.dir / "results.json").exists():
@@ -539,7 +543,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh()
   if not config.stages:
     raise ConfigError("config.stages is empty")
-  setups = [_Setup(config, name, workdir, mesh) for name in stage_order(config)]
+  setups = [StageSetup(config, name, workdir, mesh) for name in stage_order(config)]
   finished = {s.name: _check_finished(s, config) for s in setups}
   if metric_writers.is_writer():
     workdir.mkdir(parents=True, exist_ok=True)

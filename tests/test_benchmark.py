@@ -1,0 +1,27 @@
+"""python -m medguide_jax.benchmark prints one JSON line with every promised field."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests import helpers
+
+
+def test_benchmark_prints_one_json_line():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "medguide_jax.benchmark",
+         "--config=configs/guidance.py:dataset=synthetic,smoke,stages=inferior",
+         "--config.data.image_size=32", "--steps=2", "--pipeline_batches=2"]
+  proc = subprocess.run(cmd, cwd=helpers.ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+  assert len(lines) == 1
+  result = json.loads(lines[0])
+  for key in ("examples_per_sec", "step_time_sec", "compile_time_sec", "flops_per_step",
+              "peak_flops_per_sec", "mfu", "pipeline_examples_per_sec", "peak_host_memory_gb"):
+    assert result[key] > 0, key
+  assert result["examples_per_sec"] == pytest.approx(result["batch_size"] / result["step_time_sec"], rel=0.02)
+  assert 0 < result["mfu"] < 1
