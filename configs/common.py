@@ -40,6 +40,7 @@ def optimizer(name: str = "sgd", lr: float = 0.01, **kw) -> ml_collections.Confi
   """An optimiser block (see medguide_jax/optim.py for every field)."""
   block = dict(name=name, lr=lr, momentum=0.9, nesterov=True, b1=0.9, b2=0.999, eps=1e-8,
                weight_decay=0.0, weight_decay_mask=".*", schedule="constant", warmup_steps=0,
+               # warmup_steps=-1: min(100, num_steps // 10), derived at run time
                decay=0.0, end_lr_factor=0.0, grad_clip_norm=0.0, accumulate_steps=1)
   unknown = set(kw) - set(block)
   if unknown:
@@ -55,7 +56,10 @@ def stage(task: str, *, num_steps: int, batch_size: int, opt: ml_collections.Con
   Fields the trainer reads:
     task: which tasks/<method>.py mode the stage runs (e.g. 'inferior', 'guidance').
     num_steps, batch_size (global, over all devices and processes), opt.
-    log_every, eval_every, checkpoint_every, keep_checkpoints: in steps.
+    log_every, eval_every, checkpoint_every, keep_checkpoints: in steps. -1 (the default)
+      derives them from num_steps at run time (eval and checkpoint every tenth, log twice
+      per eval), so overriding num_steps never leaves them stale; 0 = never (the last step
+      is always logged, evaluated when `select` is set, and checkpointed).
     select: '' evaluates the last parameters; 'min:<metric>' / 'max:<metric>' keeps the
       best on the validation split (early stopping), e.g. 'min:val/loss'.
     patience: evaluations without improvement before stopping (0 = never stop early).
@@ -65,7 +69,7 @@ def stage(task: str, *, num_steps: int, batch_size: int, opt: ml_collections.Con
     freeze: regex of parameter paths that do not train (their batch statistics neither).
   """
   block = dict(task=task, num_steps=num_steps, batch_size=batch_size, opt=opt,
-               eval_batch_size=128, log_every=50, eval_every=500, checkpoint_every=500,
+               eval_batch_size=128, log_every=-1, eval_every=-1, checkpoint_every=-1,
                keep_checkpoints=2, select="", patience=0, init_from="", init_params="",
                freeze="", bootstrap=1000)
   unknown = set(kw) - set(block)

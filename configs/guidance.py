@@ -51,24 +51,16 @@ SIZES = {
 }
 
 
-def _every(steps: int) -> int:
-  return max(steps // 10, 1)
-
-
 def _stages(size: dict, smoke: bool) -> ml_collections.ConfigDict:
   batch, bootstrap = size["batch"], 200 if smoke else 1000
   enc, head, g = size["enc_steps"], size["head_steps"], size["g_steps"]
   clf = lambda task, **kw: common.stage(
-      task, num_steps=enc, batch_size=batch, eval_every=_every(enc),
-      checkpoint_every=_every(enc), log_every=max(_every(enc) // 2, 1), select="min:val/loss",
-      opt=common.optimizer("adam", lr=1e-3, schedule="cosine", warmup_steps=min(100, enc // 10)),
-      bootstrap=bootstrap, **kw)
+      task, num_steps=enc, batch_size=batch, select="min:val/loss", bootstrap=bootstrap,
+      opt=common.optimizer("adam", lr=1e-3, schedule="cosine", warmup_steps=-1), **kw)
   # G(I) and G(I)+I heads on frozen features: SGD-Nesterov with Keras' decay=1e-6, early
   # stopping on validation loss (the reference's patience 200 of 500 epochs = 4 evals).
   heads = lambda task: common.stage(
-      task, num_steps=head, batch_size=batch, eval_every=_every(head),
-      checkpoint_every=_every(head), log_every=max(_every(head) // 2, 1), select="min:val/loss",
-      patience=0 if smoke else 4,
+      task, num_steps=head, batch_size=batch, select="min:val/loss", patience=0 if smoke else 4,
       opt=common.optimizer("sgd", lr=size["head_lr"], schedule="keras_decay", decay=1e-6),
       init_from="inferior,guidance", init_params="(enc_inferior|guidance)/.*",
       freeze="(enc_inferior|guidance)/.*", bootstrap=bootstrap)
@@ -77,8 +69,7 @@ def _stages(size: dict, smoke: bool) -> ml_collections.ConfigDict:
       "superior": clf("superior"),
       # G: MSE onto the frozen superior latents; the reference's SGD lr 0.5, Nesterov.
       "guidance": common.stage(
-          "guidance", num_steps=g, batch_size=batch, log_every=max(g // 20, 1), eval_every=0,
-          checkpoint_every=_every(g), bootstrap=0,
+          "guidance", num_steps=g, batch_size=batch, eval_every=0, bootstrap=0,
           opt=common.optimizer("sgd", lr=size["g_lr"], schedule="keras_decay", decay=1e-6),
           init_from="inferior,superior", init_params="enc_(inferior|superior)/.*",
           freeze="enc_(inferior|superior)/.*"),

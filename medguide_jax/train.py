@@ -209,12 +209,27 @@ def _load_init(variables: dict, stage, workdir: epath.Path) -> dict:
   return out
 
 
+def resolve_stage(stage: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of the stage block with its run-time-derived fields (-1) filled in."""
+  s = ml_collections.ConfigDict(stage.to_dict())
+  tenth = max(s.num_steps // 10, 1)
+  if s.eval_every < 0:
+    s.eval_every = tenth
+  if s.checkpoint_every < 0:
+    s.checkpoint_every = tenth
+  if s.log_every < 0:
+    s.log_every = max((s.eval_every or tenth) // 2, 1)
+  if s.opt.warmup_steps < 0:
+    s.opt.warmup_steps = min(100, s.num_steps // 10)
+  return s
+
+
 class StageSetup:
   """The stage's pieces the loop and the evaluation share."""
 
   def __init__(self, config, name: str, workdir: epath.Path, mesh):
     self.config, self.name, self.mesh = config, name, mesh
-    self.stage = stage = config.stages[name]
+    self.stage = stage = resolve_stage(config.stages[name])
     self.dir = workdir / name
     self.tracing = False  # a profiler trace is open (config.profile_steps)
     if config.profile_steps and not re.fullmatch(r"\d+:\d+", config.profile_steps):

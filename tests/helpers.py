@@ -24,7 +24,6 @@ def tiny_guidance_config(stages=("inferior",), steps: int = 6, batch: int = 16):
     s = c.stages[name]
     s.num_steps, s.batch_size, s.eval_batch_size = steps, batch, 64
     s.log_every, s.eval_every, s.checkpoint_every, s.bootstrap = 1, 2, 2, 20
-    s.opt.warmup_steps = 0
   return c
 
 
@@ -35,7 +34,7 @@ def overrides(stages=("inferior",), steps: int = 6, batch: int = 16) -> list[str
   for name in stages:
     for key, value in (("num_steps", steps), ("batch_size", batch), ("eval_batch_size", 64),
                        ("log_every", 1), ("eval_every", 2), ("checkpoint_every", 2),
-                       ("bootstrap", 20), ("opt.warmup_steps", 0)):
+                       ("bootstrap", 20)):
       args.append(f"--config.stages.{name}.{key}={value}")
   return args
 

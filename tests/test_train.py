@@ -84,6 +84,26 @@ def test_resumed_equals_uninterrupted(uninterrupted, tmp_path):
   assert _train_metrics(reference) == _train_metrics(tmp_path)
 
 
+def test_config_resume_restores_another_workdirs_checkpoint(uninterrupted, tmp_path):
+  crashed = tmp_path / "crashed"
+  _crash_after_checkpoint(helpers.tiny_guidance_config(steps=7), crashed, crash_step=4)
+  config = helpers.tiny_guidance_config(steps=7)
+  config.resume = str(crashed)
+  train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  _assert_trees_equal(_params_of(uninterrupted[0]), _params_of(tmp_path / "resumed"))
+
+
+def test_derived_fields_follow_an_overridden_num_steps():
+  config = helpers.tiny_guidance_config(steps=7)
+  stage = config.stages.inferior
+  stage.num_steps, stage.eval_every, stage.log_every, stage.checkpoint_every = 250, -1, -1, -1
+  stage.opt.warmup_steps = -1
+  resolved = train.resolve_stage(stage)
+  assert (resolved.eval_every, resolved.checkpoint_every, resolved.log_every) == (25, 25, 12)
+  assert resolved.opt.warmup_steps == 25
+  assert stage.eval_every == -1  # the config itself is untouched
+
+
 def test_corrupt_latest_checkpoint_falls_back(uninterrupted, tmp_path):
   _crash_after_checkpoint(helpers.tiny_guidance_config(steps=7), tmp_path, crash_step=6)
   ckpt_dir = tmp_path / "inferior" / "checkpoints" / "6" / "state"
