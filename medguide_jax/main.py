@@ -42,13 +42,13 @@ def main(argv) -> int:
     print(f"config error: {e}", file=sys.stderr)
     return 2
   # Imported here so that --help and flag errors answer without loading JAX.
-  from medguide_jax import parallel, train  # pylint: disable=g-import-not-at-top
+  from medguide_jax import checkpointing, parallel, train  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     train.train_and_evaluate(config, _WORKDIR.value)
-  except train.ConfigError as e:
+  except (train.ConfigError, checkpointing.CheckpointMismatchError) as e:
     print(f"config error: {e}", file=sys.stderr)
     return 2
   except train.Preempted as e:

@@ -529,6 +529,23 @@ def _check_finished(setup: StageSetup, config) -> bool:
   return True
 
 
+def _check_checkpoint_fits(setup: StageSetup) -> None:
+  """A stage checkpoint that does not fit the config is an error before anything is written."""
+  ckpt_dir = setup.dir / "checkpoints"
+  if not ckpt_dir.exists():
+    return
+  ckpt = checkpointing.Checkpointer(ckpt_dir, keep=setup.stage.keep_checkpoints)
+  if ckpt.steps():
+    abstract, *_ = init_state(setup, _example_batch(setup.dataset("train", train=True)))
+    try:
+      ckpt.check_fits(ckpt.steps()[-1], abstract)
+    except checkpointing.CheckpointMismatchError:
+      raise
+    except Exception:  # pylint: disable=broad-except
+      pass  # unreadable metadata: restore_latest sets that step aside and falls back
+  ckpt.close()
+
+
 def _dependencies(config, name: str) -> set[str]:
   return {s.strip() for s in config.stages[name].init_from.split(",")} & set(config.stages)
 
@@ -560,6 +577,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ConfigError("config.stages is empty")
   setups = [StageSetup(config, name, workdir, mesh) for name in stage_order(config)]
   finished = {s.name: _check_finished(s, config) for s in setups}
+  for setup in setups:
+    if not finished[setup.name]:
+      _check_checkpoint_fits(setup)
   if metric_writers.is_writer():
     workdir.mkdir(parents=True, exist_ok=True)
     metric_writers.write_json_atomic(workdir / "config.json", config.to_dict())
