@@ -89,9 +89,11 @@ def make_train_step(task, tx, *, seed: int, accumulate: int, frozen_state_mask):
       return grad_fn(params, model_state, batch, rng)
     micro = jax.tree.map(lambda x: x.reshape((accumulate, -1) + x.shape[1:]), batch)
 
-    def body(carry, mb):
+    def body(carry, xs):
       (loss, metrics), ms, g = carry
-      (l, (m, ms)), gi = grad_fn(params, ms, mb, rng)
+      mb, i = xs
+      # Each micro-batch draws its own dropout masks.
+      (l, (m, ms)), gi = grad_fn(params, ms, mb, jax.random.fold_in(rng, i))
       add = lambda a, b: a + b / accumulate
       return ((add(loss, l), jax.tree.map(add, metrics, m)), ms, jax.tree.map(add, g, gi)), None
 
@@ -99,7 +101,7 @@ def make_train_step(task, tx, *, seed: int, accumulate: int, frozen_state_mask):
     (l0, (m0, _)), _ = jax.eval_shape(grad_fn, params, model_state,
                                       jax.tree.map(lambda x: x[0], micro), rng)
     init = ((jnp.zeros((), l0.dtype), zeros(m0)), model_state, zeros(params))
-    ((loss, metrics), ms, grads), _ = jax.lax.scan(body, init, micro)
+    ((loss, metrics), ms, grads), _ = jax.lax.scan(body, init, (micro, jnp.arange(accumulate)))
     return (loss, (metrics, ms)), grads
 
   def step(state: TrainState, batch: dict):
@@ -131,8 +133,8 @@ def _stage_config(config, name: str) -> dict:
   return flat
 
 
-_VOLATILE_KEYS = ("resume", "profile_steps", "data.num_workers", "data.prefetch", "data.data_dir",
-                  "data.manual_dir")
+_VOLATILE_KEYS = ("resume", "profile_steps", "default_stage", "data.num_workers", "data.prefetch",
+                  "data.data_dir", "data.manual_dir")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -585,6 +587,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     metric_writers.write_json_atomic(workdir / "config.json", config.to_dict())
     metric_writers.write_json_atomic(workdir / "run.json", run_info.collect(config, setups[0].sources))
   _barrier("workdir created")
+  _SIGNALLED.clear()  # a notebook may call again after a preemption
   old_handler = signal.signal(signal.SIGTERM, _on_sigterm)
   try:
     for setup in setups:
