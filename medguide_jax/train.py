@@ -25,7 +25,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from medguide_jax import checkpointing, metric_writers, optim, parallel, run_info, tasks
-from medguide_jax.data import pipeline, sources, transforms
+from medguide_jax.data import builders, pipeline, sources, transforms
 
 EXIT_PREEMPTED = 75
 EVAL_SPLITS = ("validation", "test")
@@ -247,7 +247,10 @@ class StageSetup:
       optim.make_schedule(stage.opt, stage.num_steps)
     except ValueError as e:
       raise ConfigError(f"stages.{name}.opt: {e}") from e
-    self.sources = sources.open_splits(config.data, ("train",) + EVAL_SPLITS)
+    try:
+      self.sources = sources.open_splits(config.data, ("train",) + EVAL_SPLITS)
+    except (builders.DatasetNotPreparedError, FileNotFoundError, ValueError) as e:
+      raise ConfigError(f"data {config.data.name!r}: {e}") from e
     self.task = tasks.get_task(config, stage, self.sources["train"])
     self.example_fn = functools.partial(
         transforms.EXAMPLE_FNS[sources.LAYOUTS[config.data.name]],

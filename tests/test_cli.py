@@ -36,6 +36,14 @@ def test_bad_config_arg_exits_2(tmp_path):
   assert _no_outputs(tmp_path / "w")
 
 
+def test_unbuilt_real_dataset_exits_2_with_the_build_command(tmp_path):
+  proc = helpers.run_main(tmp_path / "w", [], config_arg="dataset=derm7pt,smoke", check=False,
+                          env={"MEDGUIDE_DATA_DIR": str(tmp_path / "empty")})
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "python -m data_prep.build derm7pt" in proc.stderr
+  assert _no_outputs(tmp_path / "w")
+
+
 def _wait_for_checkpoint(workdir, proc, timeout=240):
   ckpt_dir = workdir / "inferior" / "checkpoints"
   deadline = time.time() + timeout
