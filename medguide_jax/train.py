@@ -226,10 +226,18 @@ def resolve_stage(stage: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   return s
 
 
+def open_sources(config) -> dict:
+  """{split: random-access source} of config.data, prepared on first use."""
+  try:
+    return sources.open_splits(config.data, ("train",) + EVAL_SPLITS)
+  except (builders.DatasetNotPreparedError, FileNotFoundError, ValueError) as e:
+    raise ConfigError(f"data {config.data.name!r}: {e}") from e
+
+
 class StageSetup:
   """The stage's pieces the loop and the evaluation share."""
 
-  def __init__(self, config, name: str, workdir: epath.Path, mesh):
+  def __init__(self, config, name: str, workdir: epath.Path, mesh, data_sources=None):
     self.config, self.name, self.mesh = config, name, mesh
     self.stage = stage = resolve_stage(config.stages[name])
     self.dir = workdir / name
@@ -247,10 +255,7 @@ class StageSetup:
       optim.make_schedule(stage.opt, stage.num_steps)
     except ValueError as e:
       raise ConfigError(f"stages.{name}.opt: {e}") from e
-    try:
-      self.sources = sources.open_splits(config.data, ("train",) + EVAL_SPLITS)
-    except (builders.DatasetNotPreparedError, FileNotFoundError, ValueError) as e:
-      raise ConfigError(f"data {config.data.name!r}: {e}") from e
+    self.sources = data_sources or open_sources(config)
     self.task = tasks.get_task(config, stage, self.sources["train"])
     self.example_fn = functools.partial(
         transforms.EXAMPLE_FNS[sources.LAYOUTS[config.data.name]],
@@ -580,7 +585,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh()
   if not config.stages:
     raise ConfigError("config.stages is empty")
-  setups = [StageSetup(config, name, workdir, mesh) for name in stage_order(config)]
+  data_sources = open_sources(config)  # once: every stage reads the same dataset
+  setups = [StageSetup(config, name, workdir, mesh, data_sources) for name in stage_order(config)]
   finished = {s.name: _check_finished(s, config) for s in setups}
   for setup in setups:
     if not finished[setup.name]:

@@ -34,8 +34,7 @@ def open_splits(data: ml_collections.ConfigDict, splits: tuple[str, ...]) -> dic
 
 
 def dataset_record(data: ml_collections.ConfigDict, sources: dict) -> dict:
-  """Name, version and example counts, for run.json."""
-  builder = builders.prepare(data.name, data_dir=data.data_dir or None,
-                             manual_dir=data.manual_dir or None)  # prepared: only opens
-  return {"name": data.name, "version": str(builder.info.version),
+  """Name, version and example counts, for run.json (from the open sources: no I/O)."""
+  info = next(iter(sources.values())).dataset_info
+  return {"name": data.name, "version": str(info.version),
           "examples": {s: len(src) for s, src in sources.items()}}

@@ -76,9 +76,22 @@ class GuidanceNet(nn.Module):
     return {"logits": head(jnp.concatenate(features, axis=-1), train=train)}
 
 
+# id(source) -> (source, labels [N, T]); the source is kept so its id is never reused.
+_TRAIN_LABELS: dict[int, tuple[Any, np.ndarray]] = {}
+
+
+def _train_labels(train_source) -> np.ndarray:
+  """Every training label [N, T], read once per open source: reading them means reading
+  whole records (images too), and every classifier stage of a run needs them."""
+  if id(train_source) not in _TRAIN_LABELS:
+    labels = np.stack([np.asarray(train_source[i]["labels"]) for i in range(len(train_source))])
+    _TRAIN_LABELS[id(train_source)] = (train_source, labels)
+  return _TRAIN_LABELS[id(train_source)][1]
+
+
 def _train_class_weights(train_source, balanced: bool) -> tuple[np.ndarray, ...]:
   """Keras class_weight='balanced' per task, from the training split's labels."""
-  labels = np.stack([np.asarray(train_source[i]["labels"]) for i in range(len(train_source))])
+  labels = _train_labels(train_source)
   return tuple(classification.balanced_class_weights(labels[:, t], c) if balanced
                else np.ones(c, np.float32) for t, c in enumerate(paired.NUM_CLASSES))
 
