@@ -61,3 +61,18 @@ def metrics_lines(path) -> list[dict]:
 
 def losses(path, key: str = "train/loss") -> list[float]:
   return [m[key] for m in metrics_lines(path) if key in m]
+
+
+def metrics_without_timing(path) -> list[dict]:
+  """metrics.jsonl without its timing fields, which differ between identical runs."""
+  return [{k: v for k, v in l.items() if not k.endswith(("_sec", "per_sec"))}
+          for l in metrics_lines(path)]
+
+
+def assert_trees_equal(a, b) -> None:
+  """Same structure and bitwise-equal leaves, naming the first leaf that differs."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))

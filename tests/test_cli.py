@@ -95,20 +95,10 @@ def test_sigkill_at_any_step_then_rerun_equals_uninterrupted(reference_run, tmp_
 
 
 def _assert_same_run(a, b):
-  va = checkpointing.load_variables(a / "inferior" / "variables")
-  vb = checkpointing.load_variables(b / "inferior" / "variables")
-  for x, y in zip(np.concatenate([np.ravel(v) for v in _leaves(va)]),
-                  np.concatenate([np.ravel(v) for v in _leaves(vb)])):
-    assert x == y
-  strip = lambda lines: [{k: v for k, v in l.items() if not k.endswith(("_sec", "per_sec"))}
-                         for l in lines]
-  assert strip(helpers.metrics_lines(a / "inferior" / "metrics.jsonl")) == strip(
-      helpers.metrics_lines(b / "inferior" / "metrics.jsonl"))
-
-
-def _leaves(tree):
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.tree.leaves(tree)
+  helpers.assert_trees_equal(checkpointing.load_variables(a / "inferior" / "variables"),
+                             checkpointing.load_variables(b / "inferior" / "variables"))
+  assert helpers.metrics_without_timing(a / "inferior" / "metrics.jsonl") == (
+      helpers.metrics_without_timing(b / "inferior" / "metrics.jsonl"))
 
 
 def test_one_device_equals_eight(reference_run, tmp_path):

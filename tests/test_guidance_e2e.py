@@ -41,19 +41,10 @@ def test_frozen_parts_are_exactly_the_loaded_ones(smoke_run):
   load = lambda stage: medguide_jax.load_run(workdir, stage).variables
   inferior, guidance, guided_plus = load("inferior"), load("guidance"), load("guided_plus")
   for key in ("params", "batch_stats"):
-    for a, b in zip(helpers_leaves(inferior[key]["enc_inferior"]),
-                    helpers_leaves(guided_plus[key]["enc_inferior"])):
-      np.testing.assert_array_equal(a, b)
-  for a, b in zip(helpers_leaves(guidance["params"]["guidance"]),
-                  helpers_leaves(guided_plus["params"]["guidance"])):
-    np.testing.assert_array_equal(a, b)
+    helpers.assert_trees_equal(inferior[key]["enc_inferior"], guided_plus[key]["enc_inferior"])
+  helpers.assert_trees_equal(guidance["params"]["guidance"], guided_plus["params"]["guidance"])
   # The guided_plus head sees [z_I ; G(z_I)]: twice the encoder's feature width.
   assert guided_plus["params"]["head"]["task_0"]["kernel"].shape[0] == 2 * 8 * 4
-
-
-def helpers_leaves(tree):
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.tree.leaves(tree)
 
 
 def test_load_run_predicts_and_reproduces_the_stage_metrics(smoke_run):

@@ -15,17 +15,6 @@ def _params_of(workdir, stage="inferior"):
   return checkpointing.load_variables(workdir / stage / "variables")
 
 
-def _assert_trees_equal(a, b):
-  for (pa, xa), (_, xb) in zip(jax.tree_util.tree_leaves_with_path(a),
-                               jax.tree_util.tree_leaves_with_path(b)):
-    np.testing.assert_array_equal(xa, xb, err_msg=jax.tree_util.keystr(pa))
-
-
-def _train_metrics(workdir, stage="inferior"):
-  lines = helpers.metrics_lines(workdir / stage / "metrics.jsonl")
-  return [{k: v for k, v in l.items() if not k.endswith(("_sec", "per_sec"))} for l in lines]
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, data_dir):
   workdir = tmp_path_factory.mktemp("uninterrupted")
@@ -80,8 +69,9 @@ def test_resumed_equals_uninterrupted(uninterrupted, tmp_path):
   _crash_after_checkpoint(helpers.tiny_guidance_config(steps=7), tmp_path, crash_step=4)
   assert not (tmp_path / "inferior" / "results.json").exists()
   train.train_and_evaluate(helpers.tiny_guidance_config(steps=7), str(tmp_path))
-  _assert_trees_equal(_params_of(reference), _params_of(tmp_path))
-  assert _train_metrics(reference) == _train_metrics(tmp_path)
+  helpers.assert_trees_equal(_params_of(reference), _params_of(tmp_path))
+  assert helpers.metrics_without_timing(reference / "inferior" / "metrics.jsonl") == (
+      helpers.metrics_without_timing(tmp_path / "inferior" / "metrics.jsonl"))
 
 
 def test_config_resume_restores_another_workdirs_checkpoint(uninterrupted, tmp_path):
@@ -90,7 +80,7 @@ def test_config_resume_restores_another_workdirs_checkpoint(uninterrupted, tmp_p
   config = helpers.tiny_guidance_config(steps=7)
   config.resume = str(crashed)
   train.train_and_evaluate(config, str(tmp_path / "resumed"))
-  _assert_trees_equal(_params_of(uninterrupted[0]), _params_of(tmp_path / "resumed"))
+  helpers.assert_trees_equal(_params_of(uninterrupted[0]), _params_of(tmp_path / "resumed"))
 
 
 def test_derived_fields_follow_an_overridden_num_steps():
@@ -112,7 +102,7 @@ def test_corrupt_latest_checkpoint_falls_back(uninterrupted, tmp_path):
   for p in victims:  # truncate every data file of the newest checkpoint
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 3])
   train.train_and_evaluate(helpers.tiny_guidance_config(steps=7), str(tmp_path))
-  _assert_trees_equal(_params_of(uninterrupted[0]), _params_of(tmp_path))
+  helpers.assert_trees_equal(_params_of(uninterrupted[0]), _params_of(tmp_path))
   assert list((tmp_path / "inferior" / "checkpoints_unreadable").iterdir())
 
 
