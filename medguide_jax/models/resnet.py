@@ -61,6 +61,15 @@ class _GroupNorm(nn.Module):
                         param_dtype=jnp.float32, scale_init=self.scale_init)(x)
 
 
+def _add_shortcut(block: nn.Module, x: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:
+  """relu(shortcut(x) + y): identity, or a strided 1x1 projection (`proj_conv`, `proj_norm`
+  of `block`) where the residual branch changed the shape. Call inside block's __call__."""
+  if x.shape != y.shape:
+    x = block.conv(y.shape[-1], (1, 1), (block.strides, block.strides), name="proj_conv")(x)
+    x = block.norm(name="proj_norm")(x)
+  return nn.relu(x + y)
+
+
 class BasicBlock(nn.Module):
   """Two 3x3 convolutions with an identity or 1x1-projection shortcut (ResNet-18/34).
 
@@ -73,17 +82,12 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    residual = x
     y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name="conv1")(x)
     y = nn.relu(self.norm(name="norm1")(y))
     y = self.conv(self.filters, (3, 3), name="conv2")(y)
     # Zero-init of the last scale makes each block start as the identity (Goyal et al.).
     y = self.norm(scale_init=nn.initializers.zeros, name="norm2")(y)
-    if residual.shape != y.shape:
-      residual = self.conv(self.filters, (1, 1), (self.strides, self.strides),
-                           name="proj_conv")(residual)
-      residual = self.norm(name="proj_norm")(residual)
-    return nn.relu(residual + y)
+    return _add_shortcut(self, x, y)
 
 
 class BottleneckBlock(nn.Module):
@@ -98,18 +102,13 @@ class BottleneckBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    residual = x
     y = self.conv(self.filters, (1, 1), name="conv1")(x)
     y = nn.relu(self.norm(name="norm1")(y))
     y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name="conv2")(y)
     y = nn.relu(self.norm(name="norm2")(y))
     y = self.conv(self.filters * 4, (1, 1), name="conv3")(y)
     y = self.norm(scale_init=nn.initializers.zeros, name="norm3")(y)
-    if residual.shape != y.shape:
-      residual = self.conv(self.filters * 4, (1, 1), (self.strides, self.strides),
-                           name="proj_conv")(residual)
-      residual = self.norm(name="proj_norm")(residual)
-    return nn.relu(residual + y)
+    return _add_shortcut(self, x, y)
 
 
 _BLOCKS = {"basic": BasicBlock, "bottleneck": BottleneckBlock}
