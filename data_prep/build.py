@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
   parser = _parser()
   args = parser.parse_args(argv)  # exits 2 on bad flags
-  if args.name not in builders.DATASETS:
+  if args.name.partition(":")[0] not in builders.DATASETS:
     parser.error(f"unknown dataset {args.name!r}; valid names: {sorted(builders.DATASETS)}")
   data_dir = os.path.expanduser(args.data_dir) if args.data_dir else None
   manual_dir = os.path.expanduser(args.manual_dir) if args.manual_dir else None

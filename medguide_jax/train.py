@@ -258,7 +258,7 @@ class StageSetup:
     self.sources = data_sources or open_sources(config)
     self.task = tasks.get_task(config, stage, self.sources["train"])
     self.example_fn = functools.partial(
-        transforms.EXAMPLE_FNS[sources.LAYOUTS[config.data.name]],
+        transforms.EXAMPLE_FNS[sources.layout(config.data.name)],
         image_size=config.data.image_size)
 
   @functools.cache

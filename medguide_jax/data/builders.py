@@ -11,6 +11,7 @@ prepares, the others wait and then reuse it.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import tempfile
 
@@ -18,13 +19,41 @@ from etils import epath
 import filelock
 import tensorflow_datasets as tfds
 
-from data_prep import derm7pt
-from medguide_jax.data import synthetic
-
-DATASETS: dict[str, type[tfds.core.DatasetBuilder]] = {
-    "synthetic_paired": synthetic.SyntheticPaired,
-    "derm7pt": derm7pt.Derm7pt,
+# name -> 'module:Class', imported on first use (a registry entry costs no import time).
+_REGISTRY = {
+    "synthetic_paired": "medguide_jax.data.synthetic:SyntheticPaired",
+    "derm7pt": "data_prep.derm7pt:Derm7pt",
+    "synthetic_multimodality": "medguide_jax.data.synthetic_multimodality:SyntheticMultimodality",
+    "brain_tumor_mri": "data_prep.shared_samples:BrainTumorMri",
+    "ham10000": "data_prep.shared_samples:Ham10000",
+    "breastmnist": "data_prep.shared_samples:BreastMnist",
+    "pneumoniamnist": "data_prep.shared_samples:PneumoniaMnist",
+    "medical_misc": "data_prep.shared_samples:MedicalMisc",
+    "image_folder": "data_prep.image_folder:ImageFolder",
 }
+
+
+class _Registry(dict):
+  """DATASETS[name] imports the builder class on first access."""
+
+  def __missing__(self, name):
+    if name not in _REGISTRY:
+      raise KeyError(name)
+    module, _, cls = _REGISTRY[name].partition(":")
+    self[name] = getattr(importlib.import_module(module), cls)
+    return self[name]
+
+  def __contains__(self, name):
+    return name in _REGISTRY
+
+  def __iter__(self):
+    return iter(_REGISTRY)
+
+  def keys(self):
+    return _REGISTRY.keys()
+
+
+DATASETS: dict[str, type[tfds.core.DatasetBuilder]] = _Registry()
 
 
 class DatasetNotPreparedError(RuntimeError):
@@ -66,7 +95,7 @@ def _build_command(name: str, data_dir: epath.Path) -> str:
 
 def _checked_manual_dir(name: str, data_dir: epath.Path, manual_dir) -> str | None:
   """The manual dir to build from; an error that says what to run if it is needed and absent."""
-  builder_cls = DATASETS[name]
+  builder_cls = DATASETS[name.partition(":")[0]]
   if _needs_manual_dir(builder_cls) and manual_dir is None:
     raise DatasetNotPreparedError(
         f"Dataset {name!r} is not prepared in {data_dir}. Build it once from its manual "
@@ -97,10 +126,14 @@ def prepare(name: str, *, data_dir: str | os.PathLike | None = None,
     DatasetNotPreparedError: a real dataset that is not built and no manual_dir was given.
     FileNotFoundError: manual_dir is not a directory.
   """
-  if name not in DATASETS:
-    raise ValueError(f"Unknown dataset {name!r}; valid names: {sorted(DATASETS)}")
+  base, _, tag = name.partition(":")
+  if base not in DATASETS:
+    raise ValueError(f"Unknown dataset {name!r}; valid names: {sorted(DATASETS)} "
+                     "(a folder of your own images: image_folder:<tag>)")
+  if tag:  # 'image_folder:my_archive' -> ImageFolder(tag='my_archive')
+    builder_kwargs["tag"] = tag
   data_dir = epath.Path(os.path.expanduser(os.fspath(data_dir or default_data_dir())))
-  builder_cls = DATASETS[name]
+  builder_cls = DATASETS[base]
   builder = builder_cls(data_dir=os.fspath(data_dir), **builder_kwargs)
   if _is_prepared(builder):
     return builder

@@ -9,6 +9,12 @@ from medguide_jax.data import builders
 
 # Which record layout (transforms.EXAMPLE_FNS) each dataset has.
 LAYOUTS = {"synthetic_paired": "paired", "derm7pt": "paired"}
+DEFAULT_LAYOUT = "images"  # every other dataset: one image per record (data/images.py)
+
+
+def layout(name: str) -> str:
+  """The record layout of dataset `name` ('image_folder:<tag>' is an image_folder)."""
+  return LAYOUTS.get(name.partition(":")[0], DEFAULT_LAYOUT)
 
 
 def _prepare(data: ml_collections.ConfigDict):

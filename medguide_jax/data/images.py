@@ -1,0 +1,58 @@
+"""Schema shared by every single-image dataset (ssl, and later glam): one image per record.
+
+A record holds
+  image:  encoded PNG bytes at the source's native depth: mode 'L' (8-bit grey), 'I;16'
+          (16-bit grey, e.g. mammograms, CT windows) or 'RGB' (dermoscopy, fundus). Decoding
+          happens in grain (transforms / multicrop), never in TensorFlow.
+  label:  int64 class index into the builder's `metadata['class_names']`; -1 = unlabelled.
+  source: the origin of the image, e.g. 'ct', 'mr', 'xray', 'us', 'dermoscopy', 'mammo'
+          (a mixture normalises per source and reports per source).
+  id:     a stable identifier (file path relative to the release, or generator index).
+
+Builders put `class_names` (a list, [] when unlabelled) in their DatasetInfo metadata:
+
+    tfds.core.MetadataDict(class_names=[...])
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+import tensorflow_datasets as tfds
+
+
+def features() -> tfds.features.FeaturesDict:
+  """TFDS features of an image record (encoded bytes: no TensorFlow needed to read)."""
+  return tfds.features.FeaturesDict({
+      "image": tfds.features.Tensor(shape=(), dtype=np.object_),
+      "label": tfds.features.Tensor(shape=(), dtype=np.int64),
+      "source": tfds.features.Tensor(shape=(), dtype=np.object_),
+      "id": tfds.features.Tensor(shape=(), dtype=np.object_),
+  })
+
+
+def encode_png(array: np.ndarray) -> bytes:
+  """uint8 [H,W] / [H,W,1] -> 8-bit grey PNG, uint16 [H,W] -> 16-bit grey PNG,
+  uint8 [H,W,3] -> RGB PNG. Anything else is a ValueError naming the dtype and shape."""
+  a = np.asarray(array)
+  if a.ndim == 3 and a.shape[-1] == 1:
+    a = a[..., 0]
+  if a.dtype == np.uint8 and a.ndim == 2:
+    img = Image.fromarray(a, mode="L")
+  elif a.dtype == np.uint16 and a.ndim == 2:
+    img = Image.fromarray(a.astype("<u2"), mode="I;16")
+  elif a.dtype == np.uint8 and a.ndim == 3 and a.shape[-1] == 3:
+    img = Image.fromarray(a, mode="RGB")
+  else:
+    raise ValueError(f"cannot encode an image of dtype {a.dtype} and shape {a.shape} as PNG "
+                     "(want uint8 [H,W], uint16 [H,W] or uint8 [H,W,3])")
+  buf = io.BytesIO()
+  img.save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def class_names(source) -> list[str]:
+  """The class names of an open data source ([] for an unlabelled dataset)."""
+  metadata = source.dataset_info.metadata or {}
+  return list(metadata.get("class_names", []))
