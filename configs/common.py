@@ -41,7 +41,10 @@ def optimizer(name: str = "sgd", lr: float = 0.01, **kw) -> ml_collections.Confi
   block = dict(name=name, lr=lr, momentum=0.9, nesterov=True, b1=0.9, b2=0.999, eps=1e-8,
                weight_decay=0.0, weight_decay_mask=".*", schedule="constant", warmup_steps=0,
                # warmup_steps=-1: min(100, num_steps // 10), derived at run time
-               decay=0.0, end_lr_factor=0.0, grad_clip_norm=0.0, accumulate_steps=1)
+               decay=0.0, end_lr_factor=0.0, grad_clip_norm=0.0, accumulate_steps=1,
+               trust_coefficient=0.001, warmup_start_factor=0.0,
+               # lr_base_batch > 0: lr is for that batch and scales linearly with batch_size
+               lr_base_batch=0, freeze_steps=0, freeze_steps_params="")
   unknown = set(kw) - set(block)
   if unknown:
     raise ValueError(f"unknown optimizer fields: {sorted(unknown)}")

@@ -2,18 +2,24 @@
 
 The config block is an `ml_collections.ConfigDict` (a plain mapping works too):
 
-  opt.name = 'sgd' | 'adam' | 'adamw'      # required
+  opt.name = 'sgd' | 'adam' | 'adamw' | 'lars'   # required
   opt.lr = 0.1                             # required; peak learning rate
   opt.momentum, opt.nesterov               # sgd (defaults 0.9, True)
   opt.b1, opt.b2, opt.eps                  # adam/adamw (defaults 0.9, 0.999, 1e-8)
-  opt.weight_decay = 0.0                   # adamw: decoupled; sgd/adam: L2 on the grad
+  opt.weight_decay = 0.0                   # adamw: decoupled; sgd/adam/lars: L2 on the grad
+  opt.trust_coefficient = 0.001            # lars: LARC's eta (SwAV's apex LARC, clip=False)
   opt.weight_decay_mask = '.*'             # regex over '/'-joined parameter paths
   opt.schedule = 'constant' | 'cosine' | 'keras_decay'
-  opt.warmup_steps = 0                     # linear warmup from 0 to lr
+  opt.warmup_steps = 0                     # linear warmup from lr * warmup_start_factor to lr
+  opt.warmup_start_factor = 0.0            # SwAV: 0.3 / 4.8 = 0.0625
   opt.decay = 0.0                          # keras_decay: lr / (1 + decay * step)
   opt.end_lr_factor = 0.0                  # cosine ends at lr * end_lr_factor
   opt.grad_clip_norm = 0.0                 # 0 = off; global-norm clipping
   opt.accumulate_steps = 1                 # read by the trainer: micro-batches per update
+  opt.lr_base_batch = 0                    # read by the trainer: lr *= batch / lr_base_batch
+  opt.freeze_steps = 0                     # the parameters matching freeze_steps_params get
+  opt.freeze_steps_params = ''             # no update (and no state change) for this many
+                                           # updates, e.g. SwAV's prototypes for 313 steps
 
 Parameter paths are the dict keys from the root of the tree handed over, joined with
 '/' (e.g. 'enc_inferior/conv1/kernel'), and every regex must match a whole path
@@ -21,7 +27,11 @@ Parameter paths are the dict keys from the root of the tree handed over, joined 
 params)`.
 
 The chain per update is: clip by global norm -> (sgd/adam: add L2 decay) -> momentum
-or Adam moments -> (adamw: add decoupled decay) -> scale by -schedule(step).
+or Adam moments -> (adamw: add decoupled decay) -> scale by -schedule(step). LARS is
+SwAV's apex LARC(clip=False) around SGD: per parameter tensor, when both norms are non-zero,
+g <- (g + wd*w) * eta*|w| / (|g| + wd*|w| + 1e-8), else g is left as it is (no decay);
+then momentum (no Nesterov) and the learning rate. It applies to every parameter, biases
+and norms included, as the reference does (`weight_decay_mask` narrows the decay).
 Gradient accumulation is the trainer's: it averages the gradients of k micro-batches
 inside one jitted step (train.make_train_step), so `tx` always sees one gradient per
 update and the schedule counts updates.
@@ -29,14 +39,14 @@ update and the schedule counts updates.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-OPTIMIZERS = ('sgd', 'adam', 'adamw')
+OPTIMIZERS = ('sgd', 'adam', 'adamw', 'lars')
 SCHEDULES = ('constant', 'cosine', 'keras_decay')
 
 _REQUIRED = ('name', 'lr')
@@ -54,6 +64,11 @@ _DEFAULTS = {
     'end_lr_factor': 0.0,
     'grad_clip_norm': 0.0,
     'accumulate_steps': 1,
+    'trust_coefficient': 0.001,
+    'warmup_start_factor': 0.0,
+    'lr_base_batch': 0,
+    'freeze_steps': 0,
+    'freeze_steps_params': '',
 }
 
 _TRAINABLE = 'trainable'
@@ -188,7 +203,8 @@ def make_schedule(opt: Mapping[str, Any], num_steps: int) -> optax.Schedule:
   main = _main_schedule(cfg, num_steps - warmup)
   if warmup == 0:
     return main
-  warm = optax.linear_schedule(0.0, float(cfg['lr']), warmup)
+  lr = float(cfg['lr'])
+  warm = optax.linear_schedule(lr * float(cfg['warmup_start_factor']), lr, warmup)
   return optax.join_schedules([warm, main], [warmup])
 
 
@@ -210,7 +226,12 @@ def _base_chain(cfg: dict[str, Any],
            if wd else None)
   clip = float(cfg['grad_clip_norm'])
   parts = [optax.clip_by_global_norm(clip) if clip > 0 else None]
-  if cfg['name'] == 'sgd':
+  if cfg['name'] == 'lars':
+    momentum = float(cfg['momentum'])
+    parts += [scale_by_larc(float(cfg['trust_coefficient']), wd,
+                            _decay_mask(cfg['weight_decay_mask'])),
+              optax.trace(momentum, nesterov=False) if momentum else None]
+  elif cfg['name'] == 'sgd':
     momentum = float(cfg['momentum'])
     trace = (optax.trace(momentum, nesterov=bool(cfg['nesterov']))
              if momentum else None)
@@ -221,6 +242,65 @@ def _base_chain(cfg: dict[str, Any],
     parts += [decay, adam] if cfg['name'] == 'adam' else [adam, decay]
   parts.append(optax.scale_by_learning_rate(schedule))
   return optax.chain(*[p for p in parts if p is not None])
+
+
+def scale_by_larc(trust_coefficient: float, weight_decay: float = 0.0,
+                  decay_mask: Callable[[PyTree], PyTree] | None = None,
+                  eps: float = 1e-8) -> optax.GradientTransformation:
+  """apex LARC (clip=False) as SwAV uses it, per parameter tensor.
+
+  With w != 0 and g != 0: g <- (g + wd*w) * eta*|w| / (|g| + wd*|w| + eps); otherwise g is
+  passed on unchanged and no decay is added. (optax.lars differs: it divides by |g + wd*w|
+  and adds the decay even where a norm is zero.)
+  """
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError('LARS needs the parameters: call tx.update(grads, state, params)')
+    mask = decay_mask(params) if (decay_mask and weight_decay) else jax.tree.map(
+        lambda _: bool(weight_decay), params)
+
+    def one(g, w, decay):
+      wd = weight_decay if decay else 0.0
+      w_norm, g_norm = jnp.linalg.norm(w), jnp.linalg.norm(g)
+      rate = trust_coefficient * w_norm / (g_norm + wd * w_norm + eps)
+      scaled = (g + wd * w) * rate
+      return jnp.where((w_norm > 0) & (g_norm > 0), scaled.astype(g.dtype), g)
+
+    return jax.tree.map(one, updates, params, mask), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+class FreezeForState(NamedTuple):
+  count: jax.Array
+  inner: Any
+
+
+def freeze_for_steps(inner: optax.GradientTransformation, mask: PyTree,
+                     steps: int) -> optax.GradientTransformation:
+  """`inner`, except that masked parameters get no update for the first `steps` updates.
+
+  `inner` sees zero gradients and zero parameters for them (so decay, LARC and momenta add
+  nothing and their optimiser state stays at its zero start), and their updates are zeroed: SwAV's "prototype gradients are None for the first
+  freeze_prototypes_niters iterations". Adam's bias-correction count still advances.
+  """
+
+  def init(params):
+    return FreezeForState(jnp.zeros((), jnp.int32), inner.init(params))
+
+  def update(updates, state, params=None):
+    frozen = state.count < steps
+    zero = lambda u, m: jnp.where(frozen & m, jnp.zeros_like(u), u) if m else u
+    # Zero gradients AND zero parameters: L2 decay, LARC and momenta then see nothing, so the
+    # inner state of a held parameter stays at its initial zeros.
+    updates = jax.tree.map(zero, updates, mask)
+    seen = None if params is None else jax.tree.map(zero, params, mask)
+    updates, inner_state = inner.update(updates, state.inner, seen)
+    updates = jax.tree.map(zero, updates, mask)
+    return updates, FreezeForState(state.count + 1, inner_state)
+
+  return optax.GradientTransformation(init, update)
 
 
 def make_optimizer(
@@ -252,6 +332,13 @@ def make_optimizer(
   if float(cfg['weight_decay']):
     _check_matches(params, cfg['weight_decay_mask'], 'opt.weight_decay_mask')
   tx = _base_chain(cfg, schedule)
+  if int(cfg['freeze_steps']) > 0:
+    if not cfg['freeze_steps_params']:
+      raise ValueError('opt.freeze_steps > 0 needs opt.freeze_steps_params (a regex of the '
+                       'parameters to hold, e.g. ".*prototypes.*")')
+    _check_matches(params, cfg['freeze_steps_params'], 'opt.freeze_steps_params')
+    tx = freeze_for_steps(tx, regex_mask(params, cfg['freeze_steps_params']),
+                          int(cfg['freeze_steps']))
   if freeze:
     _check_matches(params, freeze, 'freeze')
     labels = jax.tree.map(lambda f: _FROZEN if f else _TRAINABLE,

@@ -223,6 +223,9 @@ def resolve_stage(stage: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     s.log_every = max((s.eval_every or tenth) // 2, 1)
   if s.opt.warmup_steps < 0:
     s.opt.warmup_steps = min(100, s.num_steps // 10)
+  if s.opt.get("lr_base_batch", 0) > 0:  # large-batch linear scaling (Goyal et al.)
+    s.opt.lr = s.opt.lr * s.batch_size / s.opt.lr_base_batch
+    s.opt.lr_base_batch = 0
   return s
 
 

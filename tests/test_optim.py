@@ -198,3 +198,64 @@ def test_freeze_matching_nothing_raises():
     optim.make_optimizer(_opt(), 10, _params(), freeze='enc_infrior/.*')
 
 
+
+
+def _larc_numpy(w, g, m, *, lr, eta, wd, momentum):
+  """apex LARC(clip=False) + SGD momentum, written out independently."""
+  wn, gn = np.linalg.norm(w), np.linalg.norm(g)
+  if wn > 0 and gn > 0:
+    g = (g + wd * w) * eta * wn / (gn + wd * wn + 1e-8)
+  m = momentum * m + g
+  return w - lr * m, m
+
+
+def test_lars_matches_apex_larc_semantics():
+  rng = np.random.default_rng(0)
+  params = {'a': rng.normal(size=(4, 3)).astype(np.float32), 'b': np.zeros(3, np.float32)}
+  opt = _opt(name='lars', lr=4.8, momentum=0.9, weight_decay=1e-6, trust_coefficient=0.001)
+  tx, _ = optim.make_optimizer(opt, 10, params)
+  state = tx.init(params)
+  p, want, mom = params, {k: v.astype(np.float64) for k, v in params.items()}, {
+      k: np.zeros(v.shape) for k, v in params.items()}
+  step = _jit_step(tx)
+  for _ in range(3):
+    grads = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
+    p, state = step(p, state, grads)
+    for k in want:
+      want[k], mom[k] = _larc_numpy(want[k], grads[k].astype(np.float64), mom[k], lr=4.8,
+                                    eta=0.001, wd=1e-6, momentum=0.9)
+  _close(p, want, atol=1e-5)
+  # A zero parameter ('b' starts at 0) is left unscaled and undecayed: plain SGD there.
+  assert not np.allclose(p['b'], 0)
+
+
+def test_freeze_steps_holds_params_then_releases():
+  params = _params()
+  opt = _opt(name='sgd', momentum=0.9, weight_decay=0.1, freeze_steps=2,
+             freeze_steps_params='head/.*')
+  tx, _ = optim.make_optimizer(opt, 10, params)
+  state, p = tx.init(params), params
+  grads = jax.tree.map(np.ones_like, params)
+  step = _jit_step(tx)
+  for _ in range(2):
+    p, state = step(p, state, grads)
+  _close(p['head'], params['head'])  # held: no grad step, no decay
+  assert not np.allclose(p['enc_inferior']['conv']['kernel'], 1.0)
+  p3, _ = step(p, state, grads)
+  # Released with empty momentum: the first update is plain SGD with L2 decay.
+  _close(p3['head'], jax.tree.map(lambda w: w - 0.1 * (1.0 + 0.1 * w), params['head']))
+
+
+def test_freeze_steps_needs_a_matching_regex():
+  with pytest.raises(ValueError, match='freeze_steps_params'):
+    optim.make_optimizer(_opt(freeze_steps=3), 10, _params())
+  with pytest.raises(ValueError, match='prototypes'):
+    optim.make_optimizer(_opt(freeze_steps=3, freeze_steps_params='prototypes'), 10, _params())
+
+
+def test_warmup_start_factor():
+  sched = optim.make_schedule(_opt(lr=4.8, warmup_steps=10, warmup_start_factor=0.0625,
+                                   schedule='cosine', end_lr_factor=0.001), 110)
+  np.testing.assert_allclose(float(sched(0)), 0.3, rtol=1e-6)
+  np.testing.assert_allclose(float(sched(10)), 4.8, rtol=1e-6)
+  np.testing.assert_allclose(float(sched(110)), 0.0048, rtol=1e-4)
