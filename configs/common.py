@@ -70,11 +70,13 @@ def stage(task: str, *, num_steps: int, batch_size: int, opt: ml_collections.Con
       (a parameter is taken from the first source that has it).
     init_params: regex of parameter paths taken from init_from ('' = all that exist).
     freeze: regex of parameter paths that do not train (their batch statistics neither).
+    train_examples: > 0 trains on that many training examples only (a fixed random subset,
+      the same for every seed and stage: label-efficiency studies); 0 = all.
   """
   block = dict(task=task, num_steps=num_steps, batch_size=batch_size, opt=opt,
                eval_batch_size=128, log_every=-1, eval_every=-1, checkpoint_every=-1,
                keep_checkpoints=2, select="", patience=0, init_from="", init_params="",
-               freeze="", bootstrap=1000)
+               freeze="", bootstrap=1000, train_examples=0)
   unknown = set(kw) - set(block)
   if unknown:
     raise ValueError(f"unknown stage fields: {sorted(unknown)}")

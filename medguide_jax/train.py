@@ -25,7 +25,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from medguide_jax import checkpointing, metric_writers, optim, parallel, run_info, tasks
-from medguide_jax.data import builders, pipeline, sources, transforms
+from medguide_jax.data import builders, mixture, pipeline, sources, transforms
 
 EXIT_PREEMPTED = 75
 EVAL_SPLITS = ("validation", "test")
@@ -83,8 +83,8 @@ def make_train_step(task, tx, *, seed: int, accumulate: int, frozen_state_mask):
   gradients are averaged in a scan (same update, less memory). A step whose loss or
   gradient is non-finite leaves the state unchanged and records its number in bad_step.
   """
-  def grads_of(params, model_state, batch, rng):
-    grad_fn = jax.value_and_grad(task.loss, has_aux=True)
+  def grads_of(params, model_state, batch, rng, step):
+    grad_fn = jax.value_and_grad(functools.partial(task.loss, step=step), has_aux=True)
     if accumulate == 1:
       return grad_fn(params, model_state, batch, rng)
     micro = jax.tree.map(lambda x: x.reshape((accumulate, -1) + x.shape[1:]), batch)
@@ -104,9 +104,15 @@ def make_train_step(task, tx, *, seed: int, accumulate: int, frozen_state_mask):
     ((loss, metrics), ms, grads), _ = jax.lax.scan(body, init, (micro, jnp.arange(accumulate)))
     return (loss, (metrics, ms)), grads
 
+  prepare = getattr(task, "prepare_params", None) or (lambda params: params)
+
   def step(state: TrainState, batch: dict):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
-    (loss, (metrics, model_state)), grads = grads_of(state.params, state.model_state, batch, rng)
+    # A parameter transform before the forward pass (SwAV: prototypes re-normalised); the
+    # gradient is taken at, and the update applied to, the transformed parameters.
+    state = state.replace(params=prepare(state.params))
+    (loss, (metrics, model_state)), grads = grads_of(state.params, state.model_state, batch, rng,
+                                                     state.step)
     # Frozen modules keep their batch statistics (the mask is static: plain bools).
     model_state = jax.tree.map(lambda frozen, old, new: old if frozen else new,
                                frozen_state_mask, state.model_state, model_state)
@@ -259,24 +265,48 @@ class StageSetup:
     except ValueError as e:
       raise ConfigError(f"stages.{name}.opt: {e}") from e
     self.sources = data_sources or open_sources(config)
+    if stage.get("train_examples", 0) > 0:
+      try:
+        self.sources = {**self.sources, "train": _subset(self.sources["train"],
+                                                          stage.train_examples)}
+      except ValueError as e:
+        raise ConfigError(f"stages.{name}.{e}") from e
     self.task = tasks.get_task(config, stage, self.sources["train"])
-    self.example_fn = functools.partial(
+    self.task.mesh = mesh  # for tasks with per-device work (shard_map)
+    # A task may decode its own examples (ssl: multi-crop); otherwise the dataset layout's.
+    self.example_fn = getattr(self.task, "example_fn", None) or functools.partial(
         transforms.EXAMPLE_FNS[sources.layout(config.data.name)],
         image_size=config.data.image_size)
 
   @functools.cache
   def predict_fn(self):
     """The task's predict, jitted once per stage (every evaluation reuses the compile)."""
-    return jax.jit(self.task.predict, out_shardings=parallel.replicated(self.mesh))
+    prepare = getattr(self.task, "prepare_params", None)
+    predict = self.task.predict
+    if prepare is not None:
+      predict = lambda variables, batch: self.task.predict(
+          {**variables, "params": prepare(variables["params"])}, batch)
+    return jax.jit(predict, out_shardings=parallel.replicated(self.mesh))
 
   def dataset(self, split: str, *, train: bool):
     bs = self.stage.batch_size if train else self.stage.eval_batch_size
     return pipeline.make_dataset(
         self.sources[split], example_fn=functools.partial(self.example_fn, augment=train),
         global_batch_size=bs, rows=parallel.process_rows(self.mesh, bs),
-        seed=self.config.seed, train=train, num_batches=self.stage.num_steps,
+        seed=self.config.seed, train=train, num_batches=max(self.stage.num_steps, 1),
         num_workers=self.config.data.num_workers if train else 0,
         prefetch=self.config.data.prefetch)
+
+
+_SUBSETS: dict = {}
+
+
+def _subset(source, n: int):
+  """One Subset object per (source, n): tasks cache per-source work by object identity."""
+  key = (id(source), n)
+  if key not in _SUBSETS:
+    _SUBSETS[key] = (source, mixture.Subset(source, n))
+  return _SUBSETS[key][1]
 
 
 def init_key(seed: int) -> jax.Array:
@@ -359,6 +389,8 @@ def predict_split(setup: StageSetup, variables: dict, split: str) -> dict[str, n
 
 
 def evaluate_split(setup: StageSetup, variables: dict, split: str, *, bootstrap: int = 0) -> dict:
+  if hasattr(setup.task, "prepare_eval"):  # e.g. kNN: the training split's features first
+    setup.task.prepare_eval(functools.partial(predict_split, setup, variables))
   outputs = predict_split(setup, variables, split)
   return setup.task.evaluate(outputs, bootstrap=bootstrap, seed=setup.config.seed)
 
@@ -456,6 +488,8 @@ def train_stage(setup: StageSetup, workdir: epath.Path) -> TrainState:
     if _every(stage.log_every, step, last):
       _check_finite(setup, state)
       log.update(_scalars(metrics, "train/"), **progress.report(step))
+      if hasattr(setup.task, "on_log"):  # e.g. SwAV's collapse warning
+        setup.task.on_log(step, log)
     if stage.select and _every(stage.eval_every, step, last):
       t = time.monotonic()
       _check_finite(setup, state)

@@ -5,7 +5,7 @@ import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
-from medguide_jax.data import builders
+from medguide_jax.data import builders, mixture
 
 # Which record layout (transforms.EXAMPLE_FNS) each dataset has.
 LAYOUTS = {"synthetic_paired": "paired", "derm7pt": "paired"}
@@ -30,7 +30,13 @@ def _prepare(data: ml_collections.ConfigDict):
 
 
 def open_splits(data: ml_collections.ConfigDict, splits: tuple[str, ...]) -> dict:
-  """{split: random-access source}; prepares the dataset on first use."""
+  """{split: random-access source}; prepares the dataset on first use.
+
+  `data.name='mixture'` mixes the datasets of `data.mixture` ('name:weight,...'; see
+  data/mixture.py); each is prepared like a single dataset.
+  """
+  if data.name == "mixture":
+    return _open_mixture(data, splits)
   builder = _prepare(data)
   missing = [s for s in splits if s not in builder.info.splits]
   if missing:
@@ -44,3 +50,29 @@ def dataset_record(data: ml_collections.ConfigDict, sources: dict) -> dict:
   info = next(iter(sources.values())).dataset_info
   return {"name": data.name, "version": str(info.version),
           "examples": {s: len(src) for s, src in sources.items()}}
+
+
+def _open_mixture(data: ml_collections.ConfigDict, splits: tuple[str, ...]) -> dict:
+  parts = mixture.parse(data.get("mixture", ""))
+  opened, offsets, class_names = [], [], []
+  for name, _ in parts:
+    one = ml_collections.ConfigDict(data.to_dict())
+    one.name = name
+    one.manual_dir = ""  # a mixture reuses prepared datasets; build each with data_prep
+    opened.append(open_splits(one, splits))
+    offsets.append(len(class_names))
+    names = list((opened[-1]["train"].dataset_info.metadata or {}).get("class_names", []))
+    class_names += [f"{name}/{c}" for c in names]
+  info = mixture.MixtureInfo("mixture", "+".join(
+      f"{n}@{o['train'].dataset_info.version}" for (n, _), o in zip(parts, opened)), class_names)
+  out = {}
+  for split in splits:
+    srcs = [o[split] for o in opened]
+    if split == "train":
+      src = mixture.MixedSource(srcs, [w for _, w in parts], offsets=offsets,
+                                seed=mixture.spec_seed(data.mixture))
+    else:
+      src = mixture.ConcatSource(srcs, offsets=offsets)
+    src.dataset_info = info
+    out[split] = src
+  return out

@@ -7,4 +7,7 @@ def get_task(config, stage, train_source):
   if config.method == "guidance":
     from medguide_jax.tasks import guidance  # pylint: disable=g-import-not-at-top
     return guidance.GuidanceTask(config, stage, train_source)
-  raise ValueError(f"unknown method {config.method!r}; valid: 'guidance'")
+  if config.method == "ssl":
+    from medguide_jax.tasks import ssl  # pylint: disable=g-import-not-at-top
+    return ssl.SSLTask(config, stage, train_source)
+  raise ValueError(f"unknown method {config.method!r}; valid: 'guidance', 'ssl'")

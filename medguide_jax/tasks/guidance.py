@@ -119,7 +119,8 @@ class GuidanceTask:
   def init(self, rng, batch):
     return dict(self.model.init({"params": rng, "dropout": rng}, batch, train=False))
 
-  def loss(self, params, model_state, batch, rng):
+  def loss(self, params, model_state, batch, rng, step=None):
+    del step  # no step-dependent behaviour
     out, new_state = self.model.apply({"params": params, **model_state}, batch, train=True,
                                       rngs={"dropout": rng}, mutable=list(model_state))
     if self.mode == "guidance":

@@ -1,0 +1,157 @@
+r"""The SSL claims over several seeds: SSL init vs random init, convergence, robustness.
+
+  python -m medguide_jax.ssl_report --workdirs=/tmp/ft_s0,/tmp/ft_s1,/tmp/ft_s2 \
+      [--target_fraction=0.95] [--out=/tmp/ssl_report.json]
+
+Each workdir is a finished configs/ssl_finetune.py run (one seed). Printed (and written as
+JSON):
+
+* test balanced accuracy / AUC per stage: mean, sd and a 95% t-interval over seeds
+  (per-seed bootstrap CIs are in each results.json);
+* convergence (Ghesu et al.: "up to 85% fewer steps"): per seed, the target is
+  `target_fraction` x the best validation balanced accuracy the scratch model reaches;
+  steps_to_target is the first evaluated step at which a stage's validation metric reaches
+  it (none if never), and the saving is 1 - steps(finetune) / steps(scratch);
+* robustness: test balanced accuracy under each perturbation, and its drop from clean.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import numpy as np
+from absl import app, flags
+from etils import epath
+
+from medguide_jax import metric_writers
+
+_WORKDIRS = flags.DEFINE_list("workdirs", None, "Finished ssl_finetune workdirs (one per seed).")
+_TARGET = flags.DEFINE_float("target_fraction", 0.95, "Target = this x scratch's best val metric.")
+_METRIC = flags.DEFINE_string("metric", "balanced_accuracy", "Validation metric to track.")
+_OUT = flags.DEFINE_string("out", "", "Write the report here as JSON.")
+
+# Student-t 97.5% quantiles for n-1 degrees of freedom (n = 2..10 seeds).
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def summarise(values: list[float]) -> dict:
+  """mean, sd, 95% t-interval over seeds (nan entries dropped)."""
+  v = np.asarray([x for x in values if x is not None and not math.isnan(x)], np.float64)
+  if v.size == 0:
+    return {"n": 0}
+  out = {"n": int(v.size), "mean": float(v.mean()), "values": [float(x) for x in v]}
+  if v.size > 1:
+    sd = float(v.std(ddof=1))
+    half = _T975.get(v.size - 1, 1.96) * sd / math.sqrt(v.size)
+    out.update(sd=sd, ci95=[out["mean"] - half, out["mean"] + half])
+  return out
+
+
+def eval_curve(stage_dir: epath.Path, metric: str) -> list[tuple[int, float]]:
+  """(step, validation metric) pairs from a stage's metrics.jsonl."""
+  key = f"eval/validation/{metric}"
+  path = stage_dir / "metrics.jsonl"
+  if not path.exists():
+    return []
+  curve = []
+  for line in path.read_text().splitlines():
+    row = json.loads(line)
+    if key in row:
+      curve.append((int(row["step"]), float(row[key])))
+  return curve
+
+
+def steps_to_target(curve: list[tuple[int, float]], target: float) -> int | None:
+  """First evaluated step whose metric is >= target (None if it never gets there)."""
+  for step, value in curve:
+    if value >= target:
+      return step
+  return None
+
+
+def seed_report(workdir: epath.Path, target_fraction: float, metric: str) -> dict:
+  results = metric_writers.read_json(workdir / "results.json")
+  out = {"test": {}, "robust": {}, "convergence": {}}
+  for name, stage in results["stages"].items():
+    m = stage["metrics"]
+    if f"test/{metric}" not in m:
+      continue
+    out["test"][name] = {k: m.get(f"test/{k}") for k in (metric, "auc", "accuracy")}
+    out["robust"][name] = {k.split("/")[2]: v for k, v in m.items()
+                           if k.startswith("test/robust/") and k.endswith(f"/{metric}")}
+  scratch = eval_curve(workdir / "scratch", metric)
+  if scratch:
+    target = target_fraction * max(v for _, v in scratch)
+    out["convergence"]["target"] = target
+    for name in ("finetune", "scratch", "hybrid"):
+      curve = eval_curve(workdir / name, metric)
+      if curve:
+        out["convergence"][name] = steps_to_target(curve, target)
+    ft, sc = out["convergence"].get("finetune"), out["convergence"].get("scratch")
+    out["convergence"]["saving"] = (1.0 - ft / sc) if ft and sc else None
+  return out
+
+
+def report(workdirs: list[str], target_fraction: float = 0.95,
+           metric: str = "balanced_accuracy") -> dict:
+  seeds = [seed_report(epath.Path(w), target_fraction, metric) for w in workdirs]
+  stages = sorted({s for r in seeds for s in r["test"]})
+  summary = {"workdirs": workdirs, "metric": metric, "target_fraction": target_fraction,
+             "test": {}, "robust": {}, "convergence": {}}
+  for s in stages:
+    summary["test"][s] = {k: summarise([r["test"].get(s, {}).get(k) for r in seeds])
+                          for k in (metric, "auc")}
+    kinds = sorted({k for r in seeds for k in r["robust"].get(s, {})})
+    summary["robust"][s] = {k: summarise([r["robust"].get(s, {}).get(k) for r in seeds])
+                            for k in kinds}
+  for key in ("finetune", "scratch", "hybrid", "saving"):
+    vals = [r["convergence"].get(key) for r in seeds]
+    summary["convergence"][key] = summarise([float(v) for v in vals if v is not None])
+    summary["convergence"][key]["never_reached"] = sum(
+        1 for r in seeds if "target" in r["convergence"] and r["convergence"].get(key) is None)
+  return summary
+
+
+def _fmt(s: dict) -> str:
+  if not s.get("n"):
+    return "-"
+  text = f"{s['mean']:.3f}"
+  if "ci95" in s:
+    text += f" ± {s['sd']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]"
+  return text
+
+
+def markdown(summary: dict) -> str:
+  m = summary["metric"]
+  lines = [f"test {m} and AUC over {len(summary['workdirs'])} seeds (mean ± sd [95% CI])", "",
+           f"| stage | {m} | auc |", "|---|---|---|"]
+  for s, v in summary["test"].items():
+    lines.append(f"| {s} | {_fmt(v[m])} | {_fmt(v['auc'])} |")
+  c = summary["convergence"]
+  lines += ["", f"steps to reach {summary['target_fraction']:.2f} x scratch's best validation {m}",
+            "", "| stage | steps | never reached |", "|---|---|---|"]
+  for s in ("finetune", "hybrid", "scratch"):
+    lines.append(f"| {s} | {_fmt(c[s])} | {c[s].get('never_reached', 0)} |")
+  lines.append(f"| saving (1 - finetune/scratch) | {_fmt(c['saving'])} | |")
+  kinds = sorted({k for v in summary["robust"].values() for k in v})
+  if kinds:
+    lines += ["", f"test {m} under perturbation", "",
+              "| stage | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+    for s, v in summary["robust"].items():
+      lines.append(f"| {s} | " + " | ".join(_fmt(v.get(k, {})) for k in kinds) + " |")
+  return "\n".join(lines)
+
+
+def main(argv) -> int:
+  del argv
+  summary = report(_WORKDIRS.value, _TARGET.value, _METRIC.value)
+  print(markdown(summary))
+  if _OUT.value:
+    metric_writers.write_json_atomic(epath.Path(_OUT.value), summary)
+  return 0
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("workdirs")
+  app.run(lambda argv: sys.exit(main(argv)))
