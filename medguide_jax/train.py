@@ -117,7 +117,7 @@ def make_train_step(task, tx, *, seed: int, accumulate: int, frozen_state_mask):
     model_state = jax.tree.map(lambda frozen, old, new: old if frozen else new,
                                frozen_state_mask, state.model_state, model_state)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = prepare(optax.apply_updates(state.params, updates))  # stored as used
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.bad_step < 0)
     new = state.replace(step=state.step + 1, params=params, model_state=model_state,

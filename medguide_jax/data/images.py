@@ -41,7 +41,7 @@ def encode_png(array: np.ndarray) -> bytes:
   if a.dtype == np.uint8 and a.ndim == 2:
     img = Image.fromarray(a, mode="L")
   elif a.dtype == np.uint16 and a.ndim == 2:
-    img = Image.fromarray(a.astype("<u2"), mode="I;16")
+    img = Image.fromarray(a.astype("<u2"))  # mode 'I;16' (newer Pillow rejects mode=)
   elif a.dtype == np.uint8 and a.ndim == 3 and a.shape[-1] == 3:
     img = Image.fromarray(a, mode="RGB")
   else:

@@ -209,7 +209,13 @@ class SSLTask:
                         proj_hidden=m.proj_hidden, proj_dim=m.proj_dim,
                         num_prototypes=m.num_prototypes, num_classes=self.num_classes,
                         dtype=jnp.dtype(config.compute_dtype))
-    self.norms = _cached_norms(train_source) if config.data.norm == "source" else None
+    if config.data.norm not in ("source", "fixed", "image"):
+      raise ValueError(f"data.norm={config.data.norm!r}; valid: 'source' (per-source mean/std),"
+                       " 'fixed' (0.5, 0.25 for all), 'image' (each view standardised)")
+    # multicrop: a mapping gives per-source (mean, std) (missing sources: DEFAULT_NORM);
+    # None standardises each view by its own statistics.
+    self.norms = {"source": lambda: _cached_norms(train_source), "fixed": dict,
+                  "image": lambda: None}[config.data.norm]()
     self.crops = tuple(multicrop.CropSpec(count=n, size=size, scale=tuple(scale))
                        for n, size, scale in ((s.global_crops, s.global_size, s.global_scale),
                                               (s.local_crops, s.local_size, s.local_scale))
@@ -355,7 +361,9 @@ class SSLTask:
       safe = jnp.maximum(batch["label"], 0)
       out["loss"] = -jnp.log(jnp.take_along_axis(probs, safe[:, None], -1)[:, 0] + 1e-12)
       out["probs"] = probs
-      if self.config.ssl.robustness:
+      # Perturbations act on [0, 1] intensities: invertible only with a per-source or fixed
+      # normalisation (data.norm='image' standardises each view and has no robustness report).
+      if self.config.ssl.robustness and self.config.data.norm != "image":
         mean, std = batch["norm_mean"][:, None, None, None], batch["norm_std"][:, None, None, None]
         x01 = x * std + mean
         for kind, level in ROBUSTNESS:
