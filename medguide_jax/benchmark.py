@@ -9,6 +9,10 @@ batch, after warm-up), compile_time_sec, flops_per_step (XLA's cost analysis of 
 step), peak_flops_per_sec (a measured float32 matmul on this device), mfu (= flops_per_step /
 step_time / peak), pipeline_examples_per_sec (the grain pipeline alone, decode + augment +
 batch), pipeline_to_step_ratio, peak_host_memory_gb.
+
+SwAV: `--config=configs/ssl_pretrain.py:size=paper` times the ResNet-50 2x224 + 6x96 step
+(`:size=cpu` the CPU-sized one; lower --config.stages.pretrain.batch_size to fit), and
+`--sinkhorn_batches=256,4096` adds Sinkhorn's cost at K = model.num_prototypes.
 """
 from __future__ import annotations
 
@@ -32,6 +36,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config[:ar
 _STAGE = flags.DEFINE_string("stage", "", "Stage to time (default: the first in run order).")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after 3 warm-up steps).")
 _PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 30, "Batches to time the input.")
+_SINKHORN = flags.DEFINE_list(
+    "sinkhorn_batches", [], "ssl: also cost Sinkhorn (K = model.num_prototypes, 2 assign crops) "
+    "at these global batch sizes, e.g. 256,4096, against the step's cost per example.")
 
 
 def _block(tree):
@@ -84,8 +91,30 @@ def time_pipeline(setup, batches: int) -> float:
   t = time.perf_counter()
   n = 0
   for _ in range(batches):
-    n += len(next(it)["labels"])
+    n += len(jax.tree.leaves(next(it))[0])
   return n / (time.perf_counter() - t)
+
+
+def sinkhorn_cost(batch: int, num_prototypes: int, *, num_iters: int = 3,
+                  assign_crops: int = 2, repeats: int = 5) -> dict:
+  """XLA's cost analysis and the measured time of SwAV's codes for one step: Sinkhorn
+  (fp32, eps 0.05) over [batch, K] scores, once per assign crop."""
+  from medguide_jax.losses import swav  # pylint: disable=g-import-not-at-top
+  scores = jax.random.uniform(jax.random.key(0), (assign_crops, batch, num_prototypes),
+                              jnp.float32, -1.0, 1.0)
+  fn = jax.jit(jax.vmap(lambda s: swav.sinkhorn(s, num_iters=num_iters)))
+  compiled = fn.lower(scores).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  _block(compiled(scores))
+  best = np.inf
+  for _ in range(repeats):
+    t = time.perf_counter()
+    _block(compiled(scores))
+    best = min(best, time.perf_counter() - t)
+  return {"batch": batch, "num_prototypes": num_prototypes,
+          "flops": float(cost.get("flops", float("nan"))),
+          "bytes_accessed": float(cost.get("bytes accessed", float("nan"))), "time_sec": best}
 
 
 def main(argv) -> int:
@@ -105,6 +134,16 @@ def main(argv) -> int:
   result["pipeline_examples_per_sec"] = time_pipeline(setup, _PIPELINE_BATCHES.value)
   result["pipeline_to_step_ratio"] = (result["pipeline_examples_per_sec"]
                                       / result["examples_per_sec"])
+  if _SINKHORN.value:
+    k = config.model.num_prototypes
+    per_example = result["flops_per_step"] / result["batch_size"]
+    result["sinkhorn"] = []
+    for b in (int(x) for x in _SINKHORN.value):
+      cost = sinkhorn_cost(b, k)
+      # Share of the step's FLOPs at that global batch (the step scales linearly in it).
+      cost["flops_share_of_step"] = cost["flops"] / (cost["flops"] + per_example * b)
+      result["sinkhorn"].append({n: round(v, 8) if isinstance(v, float) else v
+                                 for n, v in cost.items()})
   result["peak_host_memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
   return 0

@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from medguide_jax.models import conv as conv_lib
+from medguide_jax.models import vit as vit_lib
 
 Dtype = Any
 ModuleDef = Callable[..., nn.Module]
@@ -185,6 +186,10 @@ _ENCODERS: dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]] = {
     "resnet18": (ResNet, {"stage_sizes": (2, 2, 2, 2), "block": "basic", "width": 64}),
     "resnet34": (ResNet, {"stage_sizes": (3, 4, 6, 3), "block": "basic", "width": 64}),
     "resnet50": (ResNet, {"stage_sizes": (3, 4, 6, 3), "block": "bottleneck", "width": 64}),
+    # ViTs (vit.py): feature dim = width. vit_tiny is a test-sized model (MLP 4 * width).
+    "vit_tiny": (vit_lib.ViT, {"width": 64, "depth": 2, "num_heads": 2, "mlp_dim": None}),
+    "vit_s16": (vit_lib.ViT, {"width": 384, "depth": 12, "num_heads": 6, "mlp_dim": 1536}),
+    "vit_b16": (vit_lib.ViT, {"width": 768, "depth": 12, "num_heads": 12, "mlp_dim": 3072}),
 }
 
 
@@ -222,5 +227,7 @@ def feature_dim(name: str, **kw: Any) -> int:
   ctor, attrs = _config(name, kw)
   if ctor is TinyCNN:
     return 4 * attrs["width"]
+  if ctor is vit_lib.ViT:
+    return attrs["width"]
   expansion = 4 if attrs["block"] == "bottleneck" else 1
   return attrs["width"] * 2**(len(attrs["stage_sizes"]) - 1) * expansion
