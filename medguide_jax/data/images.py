@@ -48,7 +48,7 @@ def encode_png(array: np.ndarray) -> bytes:
     raise ValueError(f"cannot encode an image of dtype {a.dtype} and shape {a.shape} as PNG "
                      "(want uint8 [H,W], uint16 [H,W] or uint8 [H,W,3])")
   buf = io.BytesIO()
-  img.save(buf, format="PNG")
+  img.save(buf, format="PNG", compress_level=1)  # ~6x faster than the default, ~12% larger
   return buf.getvalue()
 
 
