@@ -22,7 +22,6 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 import pytest
 
-from data_prep import image_folder
 from medguide_jax.data import builders
 from medguide_jax.data import images
 from medguide_jax.data import readers
@@ -101,18 +100,18 @@ def test_png_16bit_round_trip_is_exact(tmp_path):
     np.testing.assert_array_equal(out, values)
     # Through the record encoder and back, too.
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(
-        image_folder.encode_png(out)))), values)
+        images.encode_png(out)))), values)
 
 
 def test_record_encoder_matches_the_schema(tmp_path):
   for array, mode in ((np.arange(12, dtype=np.uint8).reshape(3, 4), "L"),
                       (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000, "I;16"),
                       (np.arange(36, dtype=np.uint8).reshape(3, 4, 3), "RGB")):
-    decoded = Image.open(io.BytesIO(image_folder.encode_png(array)))
+    decoded = Image.open(io.BytesIO(images.encode_png(array)))
     assert decoded.mode == mode
     np.testing.assert_array_equal(np.asarray(decoded), array)
   with pytest.raises(ValueError, match="float32"):
-    image_folder.encode_png(np.zeros((2, 2), np.float32))
+    images.encode_png(np.zeros((2, 2), np.float32))
 
 
 def test_jpeg_grey_colour_and_exif_rotation(tmp_path):
