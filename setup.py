@@ -32,7 +32,7 @@ setup(
         "psutil>=5.9",          # peak host memory in the benchmark
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-xdist>=3.5"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "pydicom>=2.4", "nibabel>=5.0"],
         "gpu": ["jax[cuda12]>=0.10.0,<0.12"],
         "tpu": ["jax[tpu]>=0.10.0,<0.12"],
         "dicom": ["pydicom>=2.4"],

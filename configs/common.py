@@ -96,3 +96,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       name="", data_dir="", manual_dir="", num_workers=0, prefetch=2, image_size=64))
   return c
+
+
+def keep_stages(c: ml_collections.ConfigDict, stages: str) -> None:
+  """Deletes every stage not named in `stages` ('a+b'); '' keeps all. Unknown names are an
+  error listing the valid ones."""
+  if not stages:
+    return
+  keep = stages.split("+")
+  unknown = [s for s in keep if s not in c.stages]
+  if unknown:
+    raise ValueError(f"stages={stages!r}: unknown {unknown}; valid: {sorted(c.stages)}")
+  for name in list(c.stages):
+    if name not in keep:
+      del c.stages[name]

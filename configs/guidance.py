@@ -103,12 +103,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       head_dropout=0.25, guidance_hidden=sz["g_hidden"], guidance_dropout=0.25,
       class_balanced=True))
   c.stages = _stages(sz, smoke=size == "smoke")
-  if arg.stages:
-    keep = arg.stages.split("+")
-    unknown = [s for s in keep if s not in c.stages]
-    if unknown:
-      raise ValueError(f"stages={arg.stages!r}: unknown {unknown}; valid: {list(c.stages)}")
-    for name in list(c.stages):
-      if name not in keep:
-        del c.stages[name]
+  common.keep_stages(c, arg.stages)
   return c

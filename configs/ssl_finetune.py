@@ -94,12 +94,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if not arg.pretrained:
     stages["pretrain"] = ssl_pretrain.pretrain_stage(sz)
   c.stages = ml_collections.ConfigDict(stages)
-  if arg.stages:
-    keep = arg.stages.split("+")
-    unknown = [s for s in keep if s not in c.stages]
-    if unknown:
-      raise ValueError(f"stages={arg.stages!r}: unknown {unknown}; valid: {sorted(c.stages)}")
-    for name in list(c.stages):
-      if name not in keep:
-        del c.stages[name]
+  common.keep_stages(c, arg.stages)
   return c
