@@ -271,7 +271,10 @@ class StageSetup:
                                                           stage.train_examples)}
       except ValueError as e:
         raise ConfigError(f"stages.{name}.{e}") from e
-    self.task = tasks.get_task(config, stage, self.sources["train"])
+    try:
+      self.task = tasks.get_task(config, stage, self.sources["train"])
+    except ValueError as e:  # a task's config check: bad usage, nothing written yet
+      raise ConfigError(f"stages.{name} ({stage.task}): {e}") from e
     self.task.mesh = mesh  # for tasks with per-device work (shard_map)
     # A task may decode its own examples (ssl: multi-crop); otherwise the dataset layout's.
     self.example_fn = getattr(self.task, "example_fn", None) or functools.partial(

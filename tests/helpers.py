@@ -41,12 +41,13 @@ def overrides(stages=("inferior",), steps: int = 6, batch: int = 16) -> list[str
 
 def run_main(workdir, args: list[str], *, devices: int = 8, env: dict | None = None,
              config_arg: str = "dataset=synthetic,smoke,stages=inferior", timeout: int = 300,
-             check: bool = True) -> subprocess.CompletedProcess:
+             check: bool = True, config_file: str = "configs/guidance.py"
+             ) -> subprocess.CompletedProcess:
   """python -m medguide_jax.main with `devices` fake CPU devices; returns the process."""
   full_env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                   JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), **(env or {}))
   cmd = [sys.executable, "-m", "medguide_jax.main",
-         f"--config=configs/guidance.py:{config_arg}", f"--workdir={workdir}"] + args
+         f"--config={config_file}:{config_arg}", f"--workdir={workdir}"] + args
   proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True,
                         timeout=timeout)
   if check and proc.returncode != 0:

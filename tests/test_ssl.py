@@ -59,7 +59,7 @@ def test_queue_fills_from_its_start_step_and_is_used_once_full(tmp_path):
 
 def test_queue_shorter_than_a_batch_is_an_error(tmp_path):
   c = tiny_pretrain(queue_length=8)
-  with pytest.raises(ValueError, match="queue_length=8"):
+  with pytest.raises(train.ConfigError, match="queue_length=8"):
     train.train_and_evaluate(c, str(tmp_path))
 
 

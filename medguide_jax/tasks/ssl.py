@@ -230,6 +230,13 @@ class SSLTask:
     self.in_table = self.mode != "swav"
     self.headline = "balanced_accuracy" if self.in_table else "knn_accuracy"
     self.columns = ["balanced_accuracy", "auc", "accuracy"]
+    self.queue_length = 0
+    if self.mode in _MULTICROP_TASKS and s.queue_length > 0:
+      bsz = stage.batch_size // stage.opt.accumulate_steps
+      self.queue_length = (s.queue_length // bsz) * bsz  # the reference rounds to batches
+      if self.queue_length == 0:
+        raise ValueError(f"ssl.queue_length={s.queue_length} is shorter than one batch "
+                         f"({bsz}); use 0 (no queue) or at least {bsz}")
     if config.ssl.sinkhorn not in ("global", "shard_map"):
       raise ValueError(f"ssl.sinkhorn={config.ssl.sinkhorn!r}; valid: 'global', 'shard_map'")
     self.mesh = None  # set by the trainer (StageSetup)
@@ -264,13 +271,8 @@ class SSLTask:
   def init(self, rng, batch):
     x = batch["crops_0"][:, 0] if "crops_0" in batch else batch["image"]
     variables = dict(self.model.init({"params": rng}, x, train=False))
-    ssl = self.config.ssl
-    if self.mode in _MULTICROP_TASKS and ssl.queue_length > 0:
-      bsz = self.stage.batch_size // self.stage.opt.accumulate_steps
-      length = (ssl.queue_length // bsz) * bsz  # the reference rounds to whole batches
-      if length == 0:
-        raise ValueError(f"ssl.queue_length={ssl.queue_length} is shorter than one batch "
-                         f"({bsz}); use 0 (no queue) or at least {bsz}")
+    if self.queue_length:
+      length = self.queue_length
       variables["queue"] = {
           "z": jnp.zeros((len(self.assign), length, self.config.model.proj_dim), jnp.float32),
           "filled": jnp.zeros((), jnp.int32)}
