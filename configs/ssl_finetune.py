@@ -44,7 +44,7 @@ from configs import ssl_pretrain
 # size -> downstream steps, batch, lr (Adam), labelled examples, eval points.
 DOWNSTREAM = {
     "smoke": dict(steps=120, batch=32, lr=1e-3, probe_lr=1e-2, examples=200),
-    "cpu": dict(steps=600, batch=32, lr=1e-3, probe_lr=1e-2, examples=400),
+    "cpu": dict(steps=300, batch=32, lr=1e-3, probe_lr=1e-2, examples=400),
     "paper": dict(steps=20000, batch=256, lr=1e-4, probe_lr=0.1, examples=0),
 }
 

@@ -221,7 +221,7 @@ class SSLTask:
                                               (s.local_crops, s.local_size, s.local_scale))
                        if n > 0)
     if not self.crops or self.crops[0].count < 2:
-        raise ValueError(f"ssl.global_crops={s.global_crops}: SwAV needs at least 2 global crops")
+      raise ValueError(f"ssl.global_crops={s.global_crops}: SwAV needs at least 2 global crops")
     self.assign = tuple(s.assign_crops)
     if max(self.assign) >= self.crops[0].count:
       raise ValueError(f"ssl.assign_crops={self.assign} must index the "
