@@ -121,8 +121,11 @@ def test_collapse_warning_fires_once_after_the_freeze(caplog):
     task.on_log(1, {"train/swav_loss": ln_k})  # still frozen: no warning
     task.on_log(10, {"train/swav_loss": ln_k - 1.0})  # learning: no warning
     assert not caplog.records
-    task.on_log(11, {"train/swav_loss": ln_k + 1e-3})
-    task.on_log(12, {"train/swav_loss": ln_k})
+    task.on_log(11, {"train/swav_loss": ln_k + 1e-3})  # passing through ln K once: no warning
+    task.on_log(12, {"train/swav_loss": ln_k - 0.5})
+    assert not caplog.records
+    for step in (13, 14, 15, 16):  # sitting there
+      task.on_log(step, {"train/swav_loss": ln_k})
   assert len(caplog.records) == 1 and "collapsed" in caplog.records[0].getMessage()
 
 

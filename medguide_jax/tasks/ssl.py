@@ -408,13 +408,16 @@ class SSLTask:
     return result
 
   def on_log(self, step: int, scalars: dict) -> None:
-    """Warns once when SwAV's loss sits at ln K after the prototypes are released (collapse:
-    every sample predicts the uniform distribution over prototypes)."""
+    """Warns once when SwAV's loss sits at ln K (three log lines in a row) after the
+    prototypes are released (collapse: every sample predicts a uniform distribution)."""
     loss = scalars.get("train/swav_loss")
     if loss is None or self._warned_collapse or step <= self.stage.opt.freeze_steps:
       return
     ln_k = math.log(self.config.model.num_prototypes)
-    if abs(loss - ln_k) < 0.01 * ln_k:
+    # "Sits at": three log lines in a row within 1% (a falling loss passes ln K once).
+    near = abs(loss - ln_k) < 0.01 * ln_k
+    self._near_ln_k = getattr(self, "_near_ln_k", 0) + 1 if near else 0
+    if self._near_ln_k >= 3:
       self._warned_collapse = True
       logging.warning(
           "[ssl] step %d: the SwAV loss %.4f sits at ln K = %.4f (K=%d prototypes): the "
