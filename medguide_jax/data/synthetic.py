@@ -408,17 +408,36 @@ class SyntheticPairedConfig(tfds.core.BuilderConfig):
   seed: int = 0
 
 
-def _custom_config(image_size: int, num_examples, seed: int) -> SyntheticPairedConfig:
+class GeneratedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A generated dataset whose `image_size`, `num_examples` (per split) and `seed` can be
+  overridden at construction; its BUILDER_CONFIGS[0] is the default and its configs have
+  those three fields. Written as ArrayRecord (random access without TensorFlow)."""
+
+  def __init__(self, *, image_size: int | None = None, num_examples=None,
+               seed: int | None = None, **kwargs):
+    """Accepts the usual TFDS kwargs, plus overrides that select a non-default config."""
+    if image_size is not None or num_examples is not None or seed is not None:
+      default = self.BUILDER_CONFIGS[0]
+      kwargs["config"] = custom_config(
+          type(default), image_size or default.image_size,
+          num_examples or default.num_examples, default.seed if seed is None else seed)
+    kwargs.setdefault("file_format", "array_record")
+    super().__init__(**kwargs)
+
+
+def custom_config(config_cls, image_size: int, num_examples, seed: int):
   """A config whose name encodes its settings, so different settings never share files."""
   num_examples = tuple(int(n) for n in num_examples)
-  if len(num_examples) != len(SPLITS):
-    raise ValueError(f"num_examples needs one count per split {SPLITS}, got {num_examples}")
+  if len(num_examples) != len(SPLITS) or min(num_examples) < 0:
+    raise ValueError(f"num_examples needs one count >= 0 per split {SPLITS}, got {num_examples}")
+  if int(image_size) < 8:
+    raise ValueError(f"image_size must be >= 8, got {image_size}")
   name = f"s{image_size}_n{'_'.join(map(str, num_examples))}_seed{seed}"
-  return SyntheticPairedConfig(name=name, image_size=image_size,
-                               num_examples=num_examples, seed=seed)
+  return config_cls(name=name, image_size=int(image_size), num_examples=num_examples,
+                    seed=int(seed))
 
 
-class SyntheticPaired(tfds.core.GeneratorBasedBuilder):
+class SyntheticPaired(GeneratedBuilder):
   """Paired inferior/superior lesion images with Derm7pt-shaped labels (see module docstring)."""
 
   name = "synthetic_paired"
@@ -426,18 +445,6 @@ class SyntheticPaired(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [SyntheticPairedConfig(
       name="default", description="96x96 PNG, 800/200/400 cases, seed 0.")]
-
-  def __init__(self, *, image_size: int | None = None, num_examples=None,
-               seed: int | None = None, **kwargs):
-    """Accepts the usual TFDS kwargs, plus overrides that select a non-default config."""
-    if image_size is not None or num_examples is not None or seed is not None:
-      default = self.BUILDER_CONFIGS[0]
-      kwargs["config"] = _custom_config(
-          image_size or default.image_size, num_examples or default.num_examples,
-          default.seed if seed is None else seed)
-    # ArrayRecord: random access through tfds.data_source, no TensorFlow needed.
-    kwargs.setdefault("file_format", "array_record")
-    super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(

@@ -59,12 +59,13 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from medguide_jax.data import images
+from medguide_jax.data import synthetic
 from medguide_jax.data.synthetic import _gaussian_blur, _smooth_noise
 
 SOURCES = ("xray", "ct", "mr", "us")
 CLASS_NAMES = ("round_lesion", "spiculated_lesion", "calcification_cluster", "normal")
 ROUND, SPICULATED, CALCIFICATION, NORMAL = range(4)
-SPLITS = ("train", "validation", "test")
+SPLITS = synthetic.SPLITS  # custom_config validates counts against these
 
 
 @dataclasses.dataclass(frozen=True)
@@ -432,19 +433,7 @@ class SyntheticMultimodalityConfig(tfds.core.BuilderConfig):
   seed: int = 0
 
 
-def _custom_config(image_size: int, num_examples, seed: int) -> SyntheticMultimodalityConfig:
-  """A config whose name encodes its settings, so different settings never share files."""
-  num_examples = tuple(int(n) for n in num_examples)
-  if len(num_examples) != len(SPLITS) or min(num_examples) < 0:
-    raise ValueError(f"num_examples needs one count >= 0 per split {SPLITS}, got {num_examples}")
-  if int(image_size) < 8:
-    raise ValueError(f"image_size must be >= 8, got {image_size}")
-  name = f"s{image_size}_n{'_'.join(map(str, num_examples))}_seed{seed}"
-  return SyntheticMultimodalityConfig(name=name, image_size=int(image_size),
-                                      num_examples=num_examples, seed=int(seed))
-
-
-class SyntheticMultimodality(tfds.core.GeneratorBasedBuilder):
+class SyntheticMultimodality(synthetic.GeneratedBuilder):
   """X-ray/CT/MR/ultrasound-like images with four latent lesion classes (see module docstring)."""
 
   name = "synthetic_multimodality"
@@ -452,18 +441,6 @@ class SyntheticMultimodality(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [SyntheticMultimodalityConfig(
       name="default", description="96x96 grey PNG, 4000/500/1000 images, seed 0.")]
-
-  def __init__(self, *, image_size: int | None = None, num_examples=None,
-               seed: int | None = None, **kwargs):
-    """Accepts the usual TFDS kwargs, plus overrides that select a non-default config."""
-    if image_size is not None or num_examples is not None or seed is not None:
-      default = self.BUILDER_CONFIGS[0]
-      kwargs["config"] = _custom_config(
-          image_size or default.image_size, num_examples or default.num_examples,
-          default.seed if seed is None else seed)
-    # ArrayRecord: random access through tfds.data_source, no TensorFlow needed.
-    kwargs.setdefault("file_format", "array_record")
-    super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
