@@ -267,8 +267,11 @@ class StageSetup:
     self.sources = data_sources or open_sources(config)
     if stage.get("train_examples", 0) > 0:
       try:
-        self.sources = {**self.sources, "train": _subset(self.sources["train"],
-                                                          stage.train_examples)}
+        # One Subset object per (source, n): tasks cache per-source work by identity.
+        train = self.sources["train"]
+        self.sources = {**self.sources, "train": sources.once_per_source(
+            train, ("subset", stage.train_examples),
+            lambda: mixture.Subset(train, stage.train_examples))}
       except ValueError as e:
         raise ConfigError(f"stages.{name}.{e}") from e
     try:
@@ -299,17 +302,6 @@ class StageSetup:
         seed=self.config.seed, train=train, num_batches=max(self.stage.num_steps, 1),
         num_workers=self.config.data.num_workers if train else 0,
         prefetch=self.config.data.prefetch)
-
-
-_SUBSETS: dict = {}
-
-
-def _subset(source, n: int):
-  """One Subset object per (source, n): tasks cache per-source work by object identity."""
-  key = (id(source), n)
-  if key not in _SUBSETS:
-    _SUBSETS[key] = (source, mixture.Subset(source, n))
-  return _SUBSETS[key][1]
 
 
 def init_key(seed: int) -> jax.Array:

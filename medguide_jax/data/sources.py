@@ -17,6 +17,20 @@ def layout(name: str) -> str:
   return LAYOUTS.get(name.partition(":")[0], DEFAULT_LAYOUT)
 
 
+# (id(source), key) -> (source, value); the source is kept so its id is never reused.
+_PER_SOURCE: dict = {}
+
+
+def once_per_source(source, key, compute):
+  """`compute()` once per open source and key (e.g. labels, normalisation statistics, a
+  subset): every stage of a run shares the open sources, and this work reads records.
+  Keyed by identity: random-access sources need not be hashable."""
+  cache_key = (id(source), key)
+  if cache_key not in _PER_SOURCE:
+    _PER_SOURCE[cache_key] = (source, compute())
+  return _PER_SOURCE[cache_key][1]
+
+
 def _prepare(data: ml_collections.ConfigDict):
   """The builder, prepared once: process 0 first, then the others (the file lock only
   coordinates processes of one host; a gs:// data dir is shared by many)."""

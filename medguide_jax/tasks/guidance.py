@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medguide_jax.data import paired
+from medguide_jax.data import paired, sources
 from medguide_jax.evaluation import metrics as metrics_lib
 from medguide_jax.losses import classification
 from medguide_jax.models import guidance as guidance_lib
@@ -76,17 +76,11 @@ class GuidanceNet(nn.Module):
     return {"logits": head(jnp.concatenate(features, axis=-1), train=train)}
 
 
-# id(source) -> (source, labels [N, T]); the source is kept so its id is never reused.
-_TRAIN_LABELS: dict[int, tuple[Any, np.ndarray]] = {}
-
-
 def _train_labels(train_source) -> np.ndarray:
   """Every training label [N, T], read once per open source: reading them means reading
   whole records (images too), and every classifier stage of a run needs them."""
-  if id(train_source) not in _TRAIN_LABELS:
-    labels = np.stack([np.asarray(train_source[i]["labels"]) for i in range(len(train_source))])
-    _TRAIN_LABELS[id(train_source)] = (train_source, labels)
-  return _TRAIN_LABELS[id(train_source)][1]
+  return sources.once_per_source(train_source, "labels", lambda: np.stack(
+      [np.asarray(train_source[i]["labels"]) for i in range(len(train_source))]))
 
 
 def _train_class_weights(train_source, balanced: bool) -> tuple[np.ndarray, ...]:

@@ -29,7 +29,7 @@ import numpy as np
 from absl import logging
 
 from medguide_jax.data import images as images_lib
-from medguide_jax.data import multicrop
+from medguide_jax.data import multicrop, sources
 from medguide_jax.evaluation import metrics as metrics_lib
 from medguide_jax.losses import classification, contrastive, swav
 from medguide_jax.models import resnet
@@ -182,16 +182,6 @@ def source_norms(train_source, *, max_records: int = 512) -> dict[str, tuple[flo
   return out
 
 
-_NORMS: dict[int, tuple[Any, dict]] = {}
-
-
-def _cached_norms(train_source) -> dict:
-  """source_norms once per open source (every stage of a run shares it)."""
-  if id(train_source) not in _NORMS:
-    _NORMS[id(train_source)] = (train_source, source_norms(train_source))
-  return _NORMS[id(train_source)][1]
-
-
 class SSLTask:
   """One stage of the SSL experiment (see the module docstring and tasks/base.py)."""
 
@@ -214,7 +204,8 @@ class SSLTask:
                        " 'fixed' (0.5, 0.25 for all), 'image' (each view standardised)")
     # multicrop: a mapping gives per-source (mean, std) (missing sources: DEFAULT_NORM);
     # None standardises each view by its own statistics.
-    self.norms = {"source": lambda: _cached_norms(train_source), "fixed": dict,
+    self.norms = {"source": lambda: sources.once_per_source(
+                      train_source, "norms", lambda: source_norms(train_source)), "fixed": dict,
                   "image": lambda: None}[config.data.norm]()
     self.crops = tuple(multicrop.CropSpec(count=n, size=size, scale=tuple(scale))
                        for n, size, scale in ((s.global_crops, s.global_size, s.global_scale),
@@ -259,6 +250,10 @@ class SSLTask:
     out["norm_mean"], out["norm_std"] = np.float32(mean), np.float32(std)
     return out
 
+  def _eval_input(self, batch):
+    """One image per example: the first global crop of a multi-crop batch, else the image."""
+    return batch["crops_0"][:, 0] if "crops_0" in batch else batch["image"]
+
   # ----------------------------------------------------------------- parameters
   def prepare_params(self, params):
     """Prototypes re-normalised before every forward pass (the reference does it in place,
@@ -269,8 +264,7 @@ class SSLTask:
     return {**params, "prototypes": {"weight": swav.normalize_prototypes(w, axis=1)}}
 
   def init(self, rng, batch):
-    x = batch["crops_0"][:, 0] if "crops_0" in batch else batch["image"]
-    variables = dict(self.model.init({"params": rng}, x, train=False))
+    variables = dict(self.model.init({"params": rng}, self._eval_input(batch), train=False))
     if self.queue_length:
       length = self.queue_length
       variables["queue"] = {
@@ -350,8 +344,6 @@ class SSLTask:
     return loss, (metrics, new_state)
 
   # ----------------------------------------------------------------- evaluation
-  def _eval_input(self, batch):
-    return batch["crops_0"][:, 0] if "crops_0" in batch else batch["image"]
 
   def predict(self, variables, batch):
     x = self._eval_input(batch)
