@@ -37,6 +37,7 @@ setup(
         "tpu": ["jax[tpu]>=0.10.0,<0.12"],
         "dicom": ["pydicom>=2.4"],
         "nifti": ["nibabel>=5.0"],
+        "torch": ["torch"],
     },
     entry_points={"console_scripts": ["medguide=medguide_jax.main:run"]},
 )
