@@ -203,7 +203,7 @@ def test_configs_tags_and_bad_arguments(tmp_path):
   assert built.builder_config.name == "full_46x30_n1_1_1_seed0"
   record = built.as_data_source(split="test")[0]
   assert np.asarray(Image.open(io.BytesIO(record["image"]))).shape == (46, 30)
-  with pytest.raises(ValueError, match=r"tag 'huge'.*\['small', 'full'\]"):
+  with pytest.raises(ValueError, match=r"tag 'huge'.*\['small', 'full', 'tiny'\]"):
     builders.prepare("synthetic_mammo:huge", data_dir=tmp_path)
   with pytest.raises(ValueError, match="tag or a config"):
     sm.SyntheticMammo(data_dir=data_dir, tag="full", config="small")

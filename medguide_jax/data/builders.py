@@ -24,12 +24,17 @@ _REGISTRY = {
     "synthetic_paired": "medguide_jax.data.synthetic:SyntheticPaired",
     "derm7pt": "data_prep.derm7pt:Derm7pt",
     "synthetic_multimodality": "medguide_jax.data.synthetic_multimodality:SyntheticMultimodality",
+    "synthetic_mammo": "medguide_jax.data.synthetic_mammo:SyntheticMammo",
     "brain_tumor_mri": "data_prep.shared_samples:BrainTumorMri",
     "ham10000": "data_prep.shared_samples:Ham10000",
     "breastmnist": "data_prep.shared_samples:BreastMnist",
     "pneumoniamnist": "data_prep.shared_samples:PneumoniaMnist",
     "medical_misc": "data_prep.shared_samples:MedicalMisc",
     "image_folder": "data_prep.image_folder:ImageFolder",
+    "nyu_mammo": "data_prep.mammo_exams:NyuMammo",
+    "nyu_glam_sample": "data_prep.mammo_exams:NyuGlamSample",
+    "nyu_bcc_sample": "data_prep.mammo_exams:NyuBccSample",
+    "cbis_ddsm": "data_prep.mammo_exams:CbisDdsm",
 }
 
 

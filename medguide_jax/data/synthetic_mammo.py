@@ -62,6 +62,7 @@ block-downsampled full masks (Dice > 0.99). Other shapes stretch the frame to fi
 Configs (`prepare('synthetic_mammo')` = 'small', `prepare('synthetic_mammo:full')`):
   small  368x240 (= 2944x1920 / 8), 1600/200/400 images: CPU training and smoke runs.
   full   2944x1920, 16/8/16 images: full-resolution inference, benchmark, visualisations.
+  tiny   184x120 (/ 16), 96/32/32 images: the test suite's end-to-end runs.
 Overrides (`image_shape`, `num_examples`, `seed`) make a derived config whose name encodes
 them. On a loaded 2-core development machine rendering took 6-8 ms per 'small' image and
 0.4-0.9 s per 'full' one (+0.24 s to encode its PNG, ~4.9 MB); preparing the whole 'small'
@@ -503,6 +504,10 @@ _CONFIGS = {
     "full": SyntheticMammoConfig(
         name="full", image_shape=REFERENCE_SHAPE, num_examples=(16, 8, 16),
         description="2944x1920 16-bit PNG, 16/8/16 images, seed 0."),
+    # For tests: the smallest image the model takes with a 32 px patch (2944x1920 / 16).
+    "tiny": SyntheticMammoConfig(
+        name="tiny", image_shape=(184, 120), num_examples=(96, 32, 32),
+        description="184x120 (2944x1920 / 16) 16-bit PNG, 96/32/32 images, seed 0 (tests)."),
 }
 TAGS = tuple(_CONFIGS)
 
