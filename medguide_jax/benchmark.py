@@ -13,6 +13,12 @@ batch), pipeline_to_step_ratio, peak_host_memory_gb.
 SwAV: `--config=configs/ssl_pretrain.py:size=paper` times the ResNet-50 2x224 + 6x96 step
 (`:size=cpu` the CPU-sized one; lower --config.stages.pretrain.batch_size to fit), and
 `--sinkhorn_batches=256,4096` adds Sinkhorn's cost at K = model.num_prototypes.
+
+GLAM: `--config=configs/glam.py:size=full --stage=joint --inference` times a training step
+and the full-resolution inference (global module, patch selection, local module and the
+2944x1920 fused map) at the stage's eval batch size. `step_memory_gb` / `inference_memory_gb`
+are XLA's memory analysis of the compiled programs (arguments + outputs + temporaries, per
+device), `peak_device_memory_gb` the accelerator's own peak where it reports one.
 """
 from __future__ import annotations
 
@@ -36,6 +42,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config[:ar
 _STAGE = flags.DEFINE_string("stage", "", "Stage to time (default: the first in run order).")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after 3 warm-up steps).")
 _PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 30, "Batches to time the input.")
+_INFERENCE = flags.DEFINE_bool(
+    "inference", False, "Also time the task's predict step (eval mode) on one eval batch.")
 _SINKHORN = flags.DEFINE_list(
     "sinkhorn_batches", [], "ssl: also cost Sinkhorn (K = model.num_prototypes, 2 assign crops) "
     "at these global batch sizes, e.g. 256,4096, against the step's cost per example.")
@@ -56,6 +64,53 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
     _block(mm(a, a))
     best = min(best, time.perf_counter() - t)
   return 2 * n**3 / best
+
+
+def compiled_memory_gb(compiled) -> float:
+  """Arguments + outputs + temporaries of a compiled program, per device (XLA's analysis)."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  (not every backend implements it)
+    return float("nan")
+  if m is None:
+    return float("nan")
+  total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+           - m.alias_size_in_bytes)
+  return total / 2**30
+
+
+def _cost(compiled) -> float:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", float("nan")))
+
+
+def _timed(fn, *args, steps: int) -> float:
+  """Seconds per call of a compiled `fn` (after 2 warm-up calls)."""
+  for _ in range(2):
+    _block(fn(*args))
+  t = time.perf_counter()
+  for _ in range(steps):
+    out = fn(*args)
+  _block(out)
+  return (time.perf_counter() - t) / steps
+
+
+def time_predict(setup, state) -> dict:
+  """Compile and time the task's predict (eval mode) on one eval batch."""
+  host_batch = next(iter(setup.dataset("test", train=False)))
+  host_batch.pop("mask")
+  batch = parallel.to_global(host_batch, setup.mesh)
+  variables = {"params": state.params, **state.model_state}
+  t = time.perf_counter()
+  compiled = setup.predict_fn().lower(variables, batch).compile()
+  compile_time = time.perf_counter() - t
+  seconds = _timed(compiled, variables, batch, steps=max(1, _STEPS.value // 2))
+  return {"inference_batch_size": setup.stage.eval_batch_size,
+          "inference_compile_time_sec": compile_time, "inference_time_sec": seconds,
+          "inference_examples_per_sec": setup.stage.eval_batch_size / seconds,
+          "inference_flops": _cost(compiled),
+          "inference_memory_gb": compiled_memory_gb(compiled)}
 
 
 def time_step(setup) -> dict:
@@ -81,7 +136,8 @@ def time_step(setup) -> dict:
   step_time = (time.perf_counter() - t) / _STEPS.value
   return {"compile_time_sec": compile_time, "step_time_sec": step_time,
           "examples_per_sec": setup.stage.batch_size / step_time,
-          "flops_per_step": float(cost.get("flops", float("nan")))}
+          "flops_per_step": float(cost.get("flops", float("nan"))),
+          "step_memory_gb": compiled_memory_gb(compiled)}, state
 
 
 def time_pipeline(setup, batches: int) -> float:
@@ -124,13 +180,22 @@ def main(argv) -> int:
   name = _STAGE.value or train.stage_order(config)[0]
   setup = train.StageSetup(config, name, workdir, parallel.make_mesh())
   result = {"config": name, "encoder": config.model.get("encoder", ""),
-            "image_size": config.data.image_size, "batch_size": setup.stage.batch_size,
+            "data": config.data.name, "image_size": config.data.image_size,
+            "batch_size": setup.stage.batch_size,
             "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
             "compute_dtype": config.compute_dtype}
-  result.update(time_step(setup))
+  timing, state = time_step(setup)
+  result.update(timing)
   result["peak_flops_per_sec"] = matmul_peak_flops()
   result["mfu"] = result["flops_per_step"] / result["step_time_sec"] / (
       result["peak_flops_per_sec"] * jax.device_count())
+  if _INFERENCE.value:
+    result.update(time_predict(setup, state))
+    result["inference_mfu"] = result["inference_flops"] / result["inference_time_sec"] / (
+        result["peak_flops_per_sec"] * jax.device_count())
+  stats = getattr(jax.devices()[0], "memory_stats", lambda: None)() or {}
+  if "peak_bytes_in_use" in stats:
+    result["peak_device_memory_gb"] = stats["peak_bytes_in_use"] / 2**30
   result["pipeline_examples_per_sec"] = time_pipeline(setup, _PIPELINE_BATCHES.value)
   result["pipeline_to_step_ratio"] = (result["pipeline_examples_per_sec"]
                                       / result["examples_per_sec"])

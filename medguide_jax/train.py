@@ -254,8 +254,11 @@ class StageSetup:
     if config.profile_steps and not re.fullmatch(r"\d+:\d+", config.profile_steps):
       raise ConfigError(f"profile_steps={config.profile_steps!r}: expected 'start:stop', "
                         "e.g. '10:15'")
-    parallel.check_batch_size(stage.batch_size, f"stages.{name}.batch_size")
-    parallel.check_batch_size(stage.eval_batch_size, f"stages.{name}.eval_batch_size")
+    try:
+      parallel.check_batch_size(stage.batch_size, f"stages.{name}.batch_size")
+      parallel.check_batch_size(stage.eval_batch_size, f"stages.{name}.eval_batch_size")
+    except ValueError as e:  # bad usage: exit 2 before anything is written
+      raise ConfigError(str(e)) from e
     if stage.opt.accumulate_steps > 1 and (stage.batch_size // jax.device_count()
                                            ) % stage.opt.accumulate_steps:
       raise ConfigError(f"stages.{name}: the per-device batch {stage.batch_size // jax.device_count()}"
@@ -383,10 +386,16 @@ def predict_split(setup: StageSetup, variables: dict, split: str) -> dict[str, n
   return {k: v[keep] for k, v in outputs.items()}
 
 
-def evaluate_split(setup: StageSetup, variables: dict, split: str, *, bootstrap: int = 0) -> dict:
+def evaluate_split(setup: StageSetup, variables: dict, split: str, *, bootstrap: int = 0,
+                   write_outputs: bool = False) -> dict:
+  """The task's metrics over `split`; with `write_outputs`, the task's optional
+  `write_outputs(stage_dir, variables, source, outputs)` hook also gets the per-example
+  outputs (glam: predictions.csv and pictures)."""
   if hasattr(setup.task, "prepare_eval"):  # e.g. kNN: the training split's features first
     setup.task.prepare_eval(functools.partial(predict_split, setup, variables))
   outputs = predict_split(setup, variables, split)
+  if write_outputs and hasattr(setup.task, "write_outputs"):
+    setup.task.write_outputs(os.fspath(setup.dir), variables, setup.sources[split], outputs)
   return setup.task.evaluate(outputs, bootstrap=bootstrap, seed=setup.config.seed)
 
 
@@ -521,7 +530,8 @@ def finish_stage(setup: StageSetup, state: TrainState) -> dict:
   checkpointing.save_variables(setup.dir / "variables", variables)
   metrics = {}
   for split in EVAL_SPLITS:
-    result = evaluate_split(setup, variables, split, bootstrap=setup.stage.bootstrap)
+    result = evaluate_split(setup, variables, split, bootstrap=setup.stage.bootstrap,
+                            write_outputs=split == "test")
     metrics.update({f"{split}/{k}": v for k, v in result.items()})
   stage_result = {"step": step, "checkpoint": which, "metrics": metrics}
   table = [table_row(setup.name, setup.task.headline, metrics)] if setup.task.in_table else []

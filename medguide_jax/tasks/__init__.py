@@ -10,4 +10,7 @@ def get_task(config, stage, train_source):
   if config.method == "ssl":
     from medguide_jax.tasks import ssl  # pylint: disable=g-import-not-at-top
     return ssl.SSLTask(config, stage, train_source)
-  raise ValueError(f"unknown method {config.method!r}; valid: 'guidance', 'ssl'")
+  if config.method == "glam":
+    from medguide_jax.tasks import glam  # pylint: disable=g-import-not-at-top
+    return glam.GlamTask(config, stage, train_source)
+  raise ValueError(f"unknown method {config.method!r}; valid: 'guidance', 'ssl', 'glam'")

@@ -39,3 +39,6 @@ class Task(Protocol):
 #   prepare_eval(predict_split)             before an evaluation; predict_split(split) gives
 #                                           that split's outputs (kNN: the training bank)
 #   on_log(step, scalars)                   after each log line (collapse warnings)
+#   write_outputs(stage_dir, variables, source, outputs)
+#                                           after the test split's predictions, on every
+#                                           process (glam: predictions.csv, pictures)

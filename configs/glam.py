@@ -1,0 +1,115 @@
+r"""GLAM (Liu et al., MIDL 2021): weakly supervised high-resolution segmentation of mammograms.
+
+Three stages, trained from image-level labels only (benign, malignant): `global_net` (the
+global module), `local_net` (the local module on the patches chosen by the frozen global
+module: the released `model_sep`), then `joint` (both: `model_joint`). Masks are used for evaluation
+only: Dice of the global-only map (the GMIC-style baseline) and of the fused GLAM map.
+
+Smoke run on the embedded synthetic mammograms (368x240, small widths; about 3 minutes on
+2 CPU cores):
+
+  python -m medguide_jax.main --config=configs/glam.py:smoke --workdir=/tmp/glam_smoke
+
+CPU size (the results table of the README: 368x240 = 2944x1920 / 8, the reference's widths
+for the global module, ResNet-18 local module on 64x64 patches):
+
+  python -m medguide_jax.main --config=configs/glam.py:size=cpu --workdir=/tmp/glam_cpu
+
+Full resolution (2944x1920, ResNet-22 global + ResNet-34 local on one 512x512 patch; for
+accelerators; `bf16`, `remat` and `accumulate=N` trade speed for memory):
+
+  python -m medguide_jax.main --config=configs/glam.py:size=full,bf16,remat --workdir=W
+
+Real data: build first (`python -m data_prep.build nyu_mammo --manual_dir=...`; tags pick
+the resolution, see data_prep/mammo_exams.py), then `dataset=nyu` or `dataset=cbis_ddsm`.
+Evaluation only, with parameters from elsewhere (a stage of a finished run, or the official
+PyTorch weights converted by `python -m medguide_jax.models.glam_convert`):
+
+  ...:dataset=nyu_glam_sample,size=cpu,pretrained=/tmp/glam_cpu/joint
+  ...:dataset=nyu_glam_sample,size=full,weights=/path/model_sep.npz
+
+Arguments after ':' (comma-separated): dataset=synthetic|synthetic_mammo|nyu|cbis_ddsm|
+nyu_glam_sample|nyu_bcc_sample, smoke (= size=smoke), size=smoke|cpu|full,
+stages=<names joined by '+'>, pretrained=<a stage dir>, weights=<converted .npz or .ckpt>,
+bf16, remat, accumulate=<micro-batches per step>.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+# dataset arg -> (TFDS name at reduced resolution, at full resolution).
+DATASETS = {
+    "synthetic": ("synthetic_mammo", "synthetic_mammo:full"),
+    "synthetic_mammo": ("synthetic_mammo", "synthetic_mammo:full"),
+    "nyu": ("nyu_mammo:x8", "nyu_mammo"),
+    "cbis_ddsm": ("cbis_ddsm:x8", "cbis_ddsm"),
+    "nyu_glam_sample": ("nyu_glam_sample:x8", "nyu_glam_sample"),
+    "nyu_bcc_sample": ("nyu_bcc_sample:x8", "nyu_bcc_sample"),
+}
+
+# size -> model, patch and training budget. Reduced sizes divide every length by 8 (the
+# 512 px patch becomes 64 px: the same field of view). Steps: global, local, joint.
+SIZES = {
+    "smoke": dict(full=False, widths=(8, 16, 32, 64, 128), local_depth=18, local_width=16,
+                  crop=(64, 64), batch=16, steps=(120, 60, 60), lr=(1e-3, 1e-3, 3e-4),
+                  eval_batch=48, visualize=4),
+    "cpu": dict(full=False, widths=(16, 32, 64, 128, 256), local_depth=18, local_width=32,
+                crop=(64, 64), batch=16, steps=(1500, 600, 600), lr=(1e-3, 1e-3, 3e-4),
+                eval_batch=48, visualize=16),
+    # GMIC's released learning rates lie in [3.5e-6, 3.2e-5] (nyukat/GMIC#4).
+    "full": dict(full=True, widths=(16, 32, 64, 128, 256), local_depth=34, local_width=64,
+                 crop=(512, 512), batch=8, steps=(20000, 10000, 10000), lr=(3e-5, 3e-5, 1e-5),
+                 eval_batch=8, visualize=16),
+}
+
+
+def _stages(sz: dict, arg) -> ml_collections.ConfigDict:
+  (g_steps, l_steps, j_steps), (g_lr, l_lr, j_lr) = sz["steps"], sz["lr"]
+  adam = lambda lr: common.optimizer("adam", lr=lr, schedule="cosine", warmup_steps=-1,
+                                     accumulate_steps=arg.accumulate)
+  stage = lambda task, steps, lr, **kw: common.stage(
+      task, num_steps=steps, batch_size=sz["batch"], eval_batch_size=sz["eval_batch"],
+      select="max:val/auc/mean", bootstrap=200 if arg.smoke else 1000, opt=adam(lr), **kw)
+  if arg.pretrained or arg.weights:  # evaluation only
+    return ml_collections.ConfigDict({"inference": common.stage(
+        "inference", num_steps=0, batch_size=sz["batch"], eval_batch_size=sz["eval_batch"],
+        opt=common.optimizer("adam", lr=0.0), init_from=arg.pretrained, bootstrap=200)})
+  # Stage names are not 'global' / 'local': `global` is a Python keyword, so an override
+  # --config.stages.global.num_steps=... could not be parsed.
+  return ml_collections.ConfigDict({
+      "global_net": stage("global", g_steps, g_lr),
+      # model_sep: the local module learns on the frozen global module's patches.
+      "local_net": stage("local", l_steps, l_lr, init_from="global_net", freeze="global_net/.*"),
+      "joint": stage("joint", j_steps, j_lr, init_from="local_net"),
+  })
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = common.parse_arg(arg, dataset="synthetic", smoke=False, size="cpu", stages="",
+                         pretrained="", weights="", bf16=False, remat=False, accumulate=1)
+  size = "smoke" if arg.smoke else arg.size
+  arg.smoke = size == "smoke"
+  if size not in SIZES:
+    raise ValueError(f"size={size!r}; valid: {sorted(SIZES)}")
+  if arg.dataset not in DATASETS:
+    raise ValueError(f"dataset={arg.dataset!r}; valid: {sorted(DATASETS)}")
+  if arg.pretrained and arg.weights:
+    raise ValueError("give pretrained=<stage dir> or weights=<file>, not both")
+  sz = SIZES[size]
+
+  c = common.base_config()
+  c.method = "glam"
+  c.data.name = DATASETS[arg.dataset][1 if sz["full"] else 0]
+  c.compute_dtype = "bfloat16" if arg.bf16 else "float32"
+  c.model = ml_collections.ConfigDict(dict(
+      global_widths=sz["widths"], local_depth=sz["local_depth"], local_width=sz["local_width"],
+      crop_shape=sz["crop"], num_patches=1,
+      percent_t_global=0.03, percent_t_local=0.3,  # the released inference values
+      sparsity=0.1,            # lambda on the mean |saliency| (tasks/glam.py docstring)
+      dice_threshold=0.5, remat=arg.remat, visualize=sz["visualize"], weights=arg.weights))
+  c.stages = _stages(sz, arg)
+  c.default_stage = "inference" if "inference" in c.stages else "joint"
+  common.keep_stages(c, arg.stages)
+  return c

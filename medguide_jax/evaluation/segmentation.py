@@ -1,0 +1,42 @@
+"""Dice for weakly supervised segmentation (GLAM), from per-image sums.
+
+The model's predict step reduces each full-resolution map to a few sums per image and class
+(so no map ever leaves the device):
+
+  inter = sum(S * M)      pred = sum(S)      target = sum(M)
+
+for the soft map S in [0, 1], and the same with S replaced by (S > threshold) for the hard
+Dice. The Dice of one image and class is 2 inter / (pred + target). GLAM's paper reports Dice
+per lesion class; we average it over the images that have a ground-truth mask for that class
+and a lesion in it (an image without a mask file, or with an empty mask, has no Dice).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def dice_per_image(inter: np.ndarray, pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+  """2 inter / (pred + target), elementwise; nan where pred + target == 0."""
+  inter, pred, target = (np.asarray(a, np.float64) for a in (inter, pred, target))
+  denom = pred + target
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(denom > 0, 2.0 * inter / np.where(denom > 0, denom, 1.0), np.nan)
+
+
+def mean_dice(inter: np.ndarray, pred: np.ndarray, target: np.ndarray,
+              valid: np.ndarray) -> tuple[float, int]:
+  """Mean per-image Dice over `valid` images that have a lesion (target > 0).
+
+  Returns (mean Dice, number of images it averages); (nan, 0) when none qualifies.
+  """
+  keep = np.asarray(valid, bool) & (np.asarray(target) > 0)
+  if not keep.any():
+    return float("nan"), 0
+  return float(np.mean(dice_per_image(inter, pred, target)[keep])), int(keep.sum())
+
+
+def relative_gain(new: float, base: float) -> float:
+  """(new - base) / base: the paper's 'relatively improving by 39.6%' (nan if base is 0)."""
+  if not np.isfinite(new) or not np.isfinite(base) or base == 0:
+    return float("nan")
+  return float((new - base) / base)
