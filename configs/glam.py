@@ -56,7 +56,7 @@ SIZES = {
                   crop=(64, 64), batch=16, steps=(120, 60, 60), lr=(1e-3, 1e-3, 3e-4),
                   eval_batch=48, visualize=4),
     "cpu": dict(full=False, widths=(16, 32, 64, 128, 256), local_depth=18, local_width=32,
-                crop=(64, 64), batch=16, steps=(1500, 600, 600), lr=(1e-3, 1e-3, 3e-4),
+                crop=(64, 64), batch=16, steps=(1200, 600, 600), lr=(1e-3, 1e-3, 3e-4),
                 eval_batch=48, visualize=16),
     # GMIC's released learning rates lie in [3.5e-6, 3.2e-5] (nyukat/GMIC#4).
     "full": dict(full=True, widths=(16, 32, 64, 128, 256), local_depth=34, local_width=64,
@@ -107,7 +107,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       global_widths=sz["widths"], local_depth=sz["local_depth"], local_width=sz["local_width"],
       crop_shape=sz["crop"], num_patches=1,
       percent_t_global=0.03, percent_t_local=0.3,  # the released inference values
-      sparsity=0.1,            # lambda on the mean |saliency| (tasks/glam.py docstring)
+      sparsity=1.0,            # lambda on the mean |saliency| (tasks/glam.py docstring)
       dice_threshold=0.5, remat=arg.remat, visualize=sz["visualize"], weights=arg.weights))
   c.stages = _stages(sz, arg)
   c.default_stage = "inference" if "inference" in c.stages else "joint"

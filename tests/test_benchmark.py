@@ -25,3 +25,21 @@ def test_benchmark_prints_one_json_line():
     assert result[key] > 0, key
   assert result["examples_per_sec"] == pytest.approx(result["batch_size"] / result["step_time_sec"], rel=0.02)
   assert 0 < result["mfu"] < 1
+
+
+def test_benchmark_times_glam_inference_and_its_memory():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "medguide_jax.benchmark", "--config=configs/glam.py:smoke",
+         "--stage=joint", "--inference", "--config.data.name=synthetic_mammo:tiny",
+         "--config.model.global_widths=(4,4,8,8,8)", "--config.model.local_width=4",
+         "--config.model.crop_shape=(32,32)", "--config.stages.joint.eval_batch_size=4",
+         "--steps=2", "--pipeline_batches=2"]
+  proc = subprocess.run(cmd, cwd=helpers.ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][0])
+  for key in ("inference_time_sec", "inference_flops", "inference_memory_gb", "step_memory_gb",
+              "inference_mfu"):
+    assert result[key] > 0, key
+  assert result["inference_examples_per_sec"] == pytest.approx(
+      4 / result["inference_time_sec"], rel=0.02)
