@@ -30,6 +30,7 @@ setup(
         "filelock>=3.12",       # one process prepares a synthetic dataset, others wait
         "tensorboardX>=2.6",    # TensorBoard events without TensorFlow
         "psutil>=5.9",          # peak host memory in the benchmark
+        "scipy>=1.11",          # mammogram cropping (connected components, erosion)
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "pydicom>=2.4", "nibabel>=5.0"],

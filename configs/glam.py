@@ -69,9 +69,11 @@ def _stages(sz: dict, arg) -> ml_collections.ConfigDict:
   (g_steps, l_steps, j_steps), (g_lr, l_lr, j_lr) = sz["steps"], sz["lr"]
   adam = lambda lr: common.optimizer("adam", lr=lr, schedule="cosine", warmup_steps=-1,
                                      accumulate_steps=arg.accumulate)
+  # Smoke runs evaluate twice per stage (the 200 validation images cost more than 30 steps).
   stage = lambda task, steps, lr, **kw: common.stage(
       task, num_steps=steps, batch_size=sz["batch"], eval_batch_size=sz["eval_batch"],
-      select="max:val/auc/mean", bootstrap=200 if arg.smoke else 1000, opt=adam(lr), **kw)
+      eval_every=steps // 2 if arg.smoke else -1, select="max:val/auc/mean",
+      bootstrap=200 if arg.smoke else 1000, opt=adam(lr), **kw)
   if arg.pretrained or arg.weights:  # evaluation only
     return ml_collections.ConfigDict({"inference": common.stage(
         "inference", num_steps=0, batch_size=sz["batch"], eval_batch_size=sz["eval_batch"],
