@@ -70,10 +70,11 @@ def _stages(sz: dict, arg) -> ml_collections.ConfigDict:
   adam = lambda lr: common.optimizer("adam", lr=lr, schedule="cosine", warmup_steps=-1,
                                      accumulate_steps=arg.accumulate)
   # Smoke runs evaluate twice per stage (the 200 validation images cost more than 30 steps).
-  stage = lambda task, steps, lr, **kw: common.stage(
-      task, num_steps=steps, batch_size=sz["batch"], eval_batch_size=sz["eval_batch"],
-      eval_every=steps // 2 if arg.smoke else -1, select="max:val/auc/mean",
-      bootstrap=200 if arg.smoke else 1000, opt=adam(lr), **kw)
+  def stage(task, steps, lr, select="max:val/auc/mean", **kw):
+    return common.stage(
+        task, num_steps=steps, batch_size=sz["batch"], eval_batch_size=sz["eval_batch"],
+        eval_every=steps // 2 if arg.smoke else -1, select=select,
+        bootstrap=200 if arg.smoke else 1000, opt=adam(lr), **kw)
   if arg.pretrained or arg.weights:  # evaluation only
     return ml_collections.ConfigDict({"inference": common.stage(
         "inference", num_steps=0, batch_size=sz["batch"], eval_batch_size=sz["eval_batch"],
@@ -82,8 +83,10 @@ def _stages(sz: dict, arg) -> ml_collections.ConfigDict:
   # --config.stages.global.num_steps=... could not be parsed.
   return ml_collections.ConfigDict({
       "global_net": stage("global", g_steps, g_lr),
-      # model_sep: the local module learns on the frozen global module's patches.
-      "local_net": stage("local", l_steps, l_lr, init_from="global_net", freeze="global_net/.*"),
+      # model_sep: the local module learns on the frozen global module's patches. Its best
+      # step is chosen by the local prediction's AUC (the global one cannot change).
+      "local_net": stage("local", l_steps, l_lr, init_from="global_net", freeze="global_net/.*",
+                         select="max:val/auc_local/mean"),
       "joint": stage("joint", j_steps, j_lr, init_from="local_net"),
   })
 

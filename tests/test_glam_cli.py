@@ -50,6 +50,7 @@ def test_smoke_run_of_every_stage(smoke_run):
       assert m[f"test/dice_images/{cls}"] > 0
   local = results["stages"]["local_net"]["metrics"]
   assert "test/dice_fused/benign" in local and "test/dice_gain/malignant" in local
+  assert 0 <= local["test/auc_local/mean"] <= 1
   assert "test/dice_fused/benign" not in results["stages"]["global_net"]["metrics"]
   assert "| joint |" in proc.stdout
   # the local stage trains only the local module: the global module's parameters are global's

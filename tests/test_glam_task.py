@@ -149,6 +149,9 @@ def test_config_arguments():
   assert set(c.stages) == {"global_net", "local_net", "joint"}
   assert c.stages.local_net.init_from == "global_net" and c.stages.joint.init_from == "local_net"
   assert c.stages.local_net.freeze == "global_net/.*"
+  # the frozen global prediction cannot pick the local stage's best step: the local one does
+  assert c.stages.local_net.select == "max:val/auc_local/mean"
+  assert c.stages.global_net.select == c.stages.joint.select == "max:val/auc/mean"
   assert c.data.name == "synthetic_mammo"
   full = glam_config.get_config("size=full,bf16,remat,accumulate=2")
   assert full.data.name == "synthetic_mammo:full" and full.compute_dtype == "bfloat16"

@@ -219,8 +219,11 @@ class GlamTask:
       result[f"auc/{name}"] = metrics_lib.roc_auc_ovr(labels[:, c], preds[:, c])
       if "y_local" in outputs:
         result[f"auc_local/{name}"] = metrics_lib.roc_auc_ovr(labels[:, c], outputs["y_local"][:, c])
-    aucs = [result[f"auc/{n}"] for n in CLASSES if np.isfinite(result[f"auc/{n}"])]
-    result["auc/mean"] = float(np.mean(aucs)) if aucs else float("nan")
+    for prefix in ("auc", "auc_local"):
+      aucs = [result[f"{prefix}/{n}"] for n in CLASSES if f"{prefix}/{n}" in result]
+      aucs = [a for a in aucs if np.isfinite(a)]
+      if f"{prefix}/{CLASSES[0]}" in result:
+        result[f"{prefix}/mean"] = float(np.mean(aucs)) if aucs else float("nan")
     if bootstrap and len(labels) > 1:
       def mean_auc(y, p):
         values = [metrics_lib.roc_auc_ovr(y[:, c], p[:, c]) for c in range(len(CLASSES))]
