@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -58,7 +59,10 @@ class MetricWriter:
     with self.path.open("a") as f:
       f.write(json.dumps(record) + "\n")
     for k, v in record.items():
-      if k != "step":
+      # An undefined metric (e.g. Dice with no masked image) is NaN in metrics.jsonl; in
+      # TensorBoard it is left out rather than warned about at every evaluation. (A
+      # non-finite loss stops training in the trainer's guard, not here.)
+      if k != "step" and math.isfinite(v):
         self._tb.add_scalar(k, v, step)
 
   def close(self) -> None:
