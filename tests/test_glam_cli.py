@@ -131,3 +131,20 @@ def test_the_real_nyu_sample_goes_through_the_whole_pipeline(smoke_run, tmp_path
   labels = {r["image_index"]: r["benign_label"] for r in rows}
   assert labels == {"0_L-CC": "0", "0_L-MLO": "0", "0_R-CC": "1", "0_R-MLO": "1"}
   assert len(list((tmp_path / "inference" / "visualization").glob("*.png"))) == 2
+
+
+def test_evaluation_only_run_from_a_weights_file(smoke_run, tmp_path):
+  """weights=<.npz> (what glam_convert writes from the official checkpoints) loads every
+  variable into the model and gives the stage's own metrics."""
+  from medguide_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from medguide_jax.models import glam_convert  # pylint: disable=g-import-not-at-top
+  workdir, _ = smoke_run
+  weights = tmp_path / "joint.npz"
+  glam_convert.save_variables(str(weights), checkpointing.load_variables(workdir / "joint" / "variables"))
+  run_dir = tmp_path / "run"
+  helpers.run_main(run_dir, _TINY + ["--config.stages.inference.eval_batch_size=32"],
+                   config_file="configs/glam.py", config_arg=f"smoke,weights={weights}")
+  ours = json.loads((run_dir / "results.json").read_text())["stages"]["inference"]["metrics"]
+  theirs = json.loads((workdir / "results.json").read_text())["stages"]["joint"]["metrics"]
+  for key in ("test/auc/mean", "test/dice_fused/benign", "test/dice_global/malignant"):
+    np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-5, err_msg=key)
