@@ -164,3 +164,21 @@ def test_config_arguments():
     glam_config.get_config("dataset=mnist")
   with pytest.raises(ValueError, match="not both"):
     glam_config.get_config("pretrained=a,weights=b")
+
+
+class _FakeSource:
+  def __init__(self, **metadata):
+    self.dataset_info = type("Info", (), {"metadata": metadata})()
+
+
+def test_an_evaluation_only_dataset_cannot_be_trained_on():
+  c = glam_config.get_config("smoke,dataset=nyu_glam_sample")
+  source = _FakeSource(image_shape=[368, 240], class_names=["benign", "malignant"],
+                       evaluation_only=True)
+  with pytest.raises(ValueError, match="evaluation-only.*pretrained="):
+    glam.GlamTask(c, c.stages.global_net, source)
+  inference = glam_config.get_config("smoke,dataset=nyu_glam_sample,pretrained=/w/joint")
+  task = glam.GlamTask(inference, inference.stages.inference, source)
+  assert task.image_shape == (368, 240)
+  with pytest.raises(ValueError, match="no 'image_shape'"):
+    glam.GlamTask(c, c.stages.global_net, _FakeSource(class_names=[]))

@@ -124,6 +124,11 @@ class GlamTask:
     if "image_shape" not in metadata:
       raise ValueError(f"dataset {config.data.name!r} has no 'image_shape' in its metadata: "
                        "not a GLAM dataset (synthetic_mammo, nyu_mammo, cbis_ddsm, ...)")
+    if metadata.get("evaluation_only") and self.mode != "inference":
+      raise ValueError(
+          f"dataset {config.data.name!r} is evaluation-only (too few exams to split: every "
+          f"image is in all three splits), so stage task {self.mode!r} would train on its test "
+          "images; evaluate it with pretrained=<stage dir> or weights=<file>")
     self.image_shape = tuple(int(v) for v in metadata["image_shape"])
     h, w = self.image_shape
     crop = tuple(int(v) for v in m.crop_shape)
