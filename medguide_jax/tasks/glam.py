@@ -37,7 +37,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from medguide_jax import metric_writers
-from medguide_jax.data import multicrop
+from medguide_jax.data import mammo, multicrop
 from medguide_jax.evaluation import metrics as metrics_lib
 from medguide_jax.evaluation import segmentation
 from medguide_jax.models import glam as glam_lib
@@ -45,12 +45,6 @@ from medguide_jax.models import glam as glam_lib
 MODES = ("global", "local", "joint", "inference")
 CLASSES = ("benign", "malignant")
 _EPS = 1e-6
-
-
-def standardize(image: np.ndarray) -> np.ndarray:
-  """(x - mean) / max(std, 1e-5) per image, as the reference's data loader."""
-  image = image.astype(np.float32)
-  return (image - image.mean()) / max(float(image.std()), 1e-5)
 
 
 def decode_mask(data: bytes, shape: tuple[int, int], what: str) -> np.ndarray:
@@ -75,7 +69,7 @@ def glam_example(record: dict, rng=None, *, augment: bool) -> dict:
   del rng
   name = _text(record.get("id", "?"))
   image = multicrop.decode(record["image"], what=f"image {name}")[..., 0]
-  out = {"image": standardize(image)[..., None],
+  out = {"image": mammo.standardize(image)[..., None],
          "labels": np.array([record["benign"], record["malignant"]], np.float32)}
   if not augment:
     out["seg"] = np.stack([decode_mask(record[f"{c}_mask"], image.shape, f"{c}_mask of {name}")
@@ -84,23 +78,21 @@ def glam_example(record: dict, rng=None, *, augment: bool) -> dict:
   return out
 
 
-def bce(probs: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
-  """Binary cross-entropy of probabilities [B,C] (the pooled sigmoid maps already are),
-  mean over classes and the weighted (unpadded) batch."""
+def bce_rows(probs: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-example binary cross-entropy [B] of probabilities [B,C] (the pooled sigmoid maps
+  already are), mean over classes."""
   p = jnp.clip(probs.astype(jnp.float32), _EPS, 1.0 - _EPS)
-  per = -(labels * jnp.log(p) + (1.0 - labels) * jnp.log1p(-p)).mean(-1)
-  return jnp.sum(per * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  return -(labels * jnp.log(p) + (1.0 - labels) * jnp.log1p(-p)).mean(-1)
+
+
+def bce(probs: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
+  """`bce_rows` averaged over the weighted (unpadded) batch: the training loss."""
+  return jnp.sum(bce_rows(probs, labels) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 def _masked_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
   values = values.reshape(values.shape[0], -1).astype(jnp.float32).mean(-1)
   return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-
-
-def upsample(maps: jax.Array, factor: tuple[int, int]) -> jax.Array:
-  """Nearest upsampling [B,h,w,C] -> [B,h*fh,w*fw,C] by integer factors (PyTorch's nearest
-  for integer ratios, exactly)."""
-  return jnp.repeat(jnp.repeat(maps, factor[0], axis=1), factor[1], axis=2)
 
 
 def dice_sums(saliency: jax.Array, seg: jax.Array, threshold: float) -> dict[str, jax.Array]:
@@ -140,7 +132,6 @@ class GlamTask:
     if crop[0] > h or crop[1] > w or crop[0] % 4 or crop[1] % 4:
       raise ValueError(f"model.crop_shape {crop} must fit in the image {self.image_shape} and "
                        "be divisible by 4 (the local module's stride)")
-    self.cam_shape = (h // 16, w // 16)
     self.crop_shape = crop
     self.sparsity = float(m.sparsity)
     self.threshold = float(m.dice_threshold)
@@ -203,8 +194,8 @@ class GlamTask:
     labels = batch["labels"]
     result = {"labels": labels, "y_global": out["y_global"].astype(jnp.float32),
               "loss": bce_rows(out["y_global"], labels)}
-    factor = (self.image_shape[0] // self.cam_shape[0], self.image_shape[1] // self.cam_shape[1])
-    maps = {"global": upsample(out["saliency_global"].astype(jnp.float32), factor)}
+    maps = {"global": glam_lib.resize_nearest(out["saliency_global"].astype(jnp.float32),
+                                              self.image_shape)}
     if self.uses_local:
       result["y_local"] = out["y_local"].astype(jnp.float32)
       result["loss"] = result["loss"] + bce_rows(out["y_local"], labels)
@@ -220,23 +211,15 @@ class GlamTask:
   def evaluate(self, outputs, *, bootstrap, seed):
     labels = outputs["labels"].astype(np.int64)
     result = {"loss": float(np.mean(outputs["loss"]))}
-    preds = outputs["y_global"]
-    for c, name in enumerate(CLASSES):
-      result[f"auc/{name}"] = metrics_lib.roc_auc_ovr(labels[:, c], preds[:, c])
-      if "y_local" in outputs:
-        result[f"auc_local/{name}"] = metrics_lib.roc_auc_ovr(labels[:, c], outputs["y_local"][:, c])
-    for prefix in ("auc", "auc_local"):
-      aucs = [result[f"{prefix}/{n}"] for n in CLASSES if f"{prefix}/{n}" in result]
-      aucs = [a for a in aucs if np.isfinite(a)]
-      if f"{prefix}/{CLASSES[0]}" in result:
-        result[f"{prefix}/mean"] = float(np.mean(aucs)) if aucs else float("nan")
+    for prefix, key in (("auc", "y_global"), ("auc_local", "y_local")):
+      if key in outputs:
+        aucs = class_aucs(labels, outputs[key])
+        result.update({f"{prefix}/{name}": a for name, a in zip(CLASSES, aucs)})
+        result[f"{prefix}/mean"] = _finite_mean(aucs)
     if bootstrap and len(labels) > 1:
-      def mean_auc(y, p):
-        values = [metrics_lib.roc_auc_ovr(y[:, c], p[:, c]) for c in range(len(CLASSES))]
-        values = [v for v in values if np.isfinite(v)]
-        return float(np.mean(values)) if values else float("nan")
       result["auc/mean_ci95"] = list(metrics_lib.bootstrap_ci(
-          mean_auc, labels, preds, num_samples=bootstrap, seed=seed))
+          lambda y, p: _finite_mean(class_aucs(y, p)), labels, outputs["y_global"],
+          num_samples=bootstrap, seed=seed))
     if "has_seg" in outputs:
       result.update(dice_metrics(outputs, labels))
     return result
@@ -258,9 +241,8 @@ class GlamTask:
     for i in range(min(self.visualize, len(source))):
       example = glam_example(source[i], augment=False)
       out = jax.tree.map(np.asarray, apply(variables, example["image"][None]))
-      saliency = out["saliency"][0] if self.uses_local else np.asarray(upsample(
-          out["saliency_global"], (self.image_shape[0] // self.cam_shape[0],
-                                   self.image_shape[1] // self.cam_shape[1])))[0]
+      saliency = out["saliency"][0] if self.uses_local else np.asarray(
+          glam_lib.resize_nearest(out["saliency_global"], self.image_shape))[0]
       picture = render_example(
           example["image"][..., 0], example["seg"], example["has_seg"],
           out["patch_positions"][0] if self.uses_local else np.zeros((0, 2), np.int32),
@@ -270,10 +252,14 @@ class GlamTask:
     logging.info("glam: %d pictures in %s", min(self.visualize, len(source)), out_dir)
 
 
-def bce_rows(probs, labels):
-  """Per-example BCE [B] (validation loss)."""
-  p = jnp.clip(probs.astype(jnp.float32), _EPS, 1.0 - _EPS)
-  return -(labels * jnp.log(p) + (1.0 - labels) * jnp.log1p(-p)).mean(-1)
+def class_aucs(labels: np.ndarray, preds: np.ndarray) -> list[float]:
+  """The AUC of each class's prediction [N,C] for its labels [N,C] (nan without both)."""
+  return [metrics_lib.roc_auc_ovr(labels[:, c], preds[:, c]) for c in range(len(CLASSES))]
+
+
+def _finite_mean(values: list[float]) -> float:
+  finite = [v for v in values if np.isfinite(v)]
+  return float(np.mean(finite)) if finite else float("nan")
 
 
 def dice_metrics(outputs: dict, labels: np.ndarray) -> dict:
