@@ -79,10 +79,11 @@ def compiled_memory_gb(compiled) -> float:
   return total / 2**30
 
 
-def _cost(compiled) -> float:
+def cost_analysis(compiled) -> dict:
+  """XLA's cost analysis of a compiled program ('flops', 'bytes accessed', ...), as one dict
+  (some jax versions wrap it in a list)."""
   cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", float("nan")))
+  return cost[0] if isinstance(cost, (list, tuple)) else cost
 
 
 def _timed(fn, *args, steps: int) -> float:
@@ -109,7 +110,7 @@ def time_predict(setup, state) -> dict:
   return {"inference_batch_size": setup.stage.eval_batch_size,
           "inference_compile_time_sec": compile_time, "inference_time_sec": seconds,
           "inference_examples_per_sec": setup.stage.eval_batch_size / seconds,
-          "inference_flops": _cost(compiled),
+          "inference_flops": float(cost_analysis(compiled).get("flops", float("nan"))),
           "inference_memory_gb": compiled_memory_gb(compiled)}
 
 
@@ -124,8 +125,7 @@ def time_step(setup) -> dict:
   t = time.perf_counter()
   compiled = step.lower(abstract, batch).compile()
   compile_time = time.perf_counter() - t
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  cost = cost_analysis(compiled)
   for _ in range(3):
     state, _ = compiled(state, batch)
   _block(state.params)
@@ -160,8 +160,7 @@ def sinkhorn_cost(batch: int, num_prototypes: int, *, num_iters: int = 3,
                               jnp.float32, -1.0, 1.0)
   fn = jax.jit(jax.vmap(lambda s: swav.sinkhorn(s, num_iters=num_iters)))
   compiled = fn.lower(scores).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  cost = cost_analysis(compiled)
   _block(compiled(scores))
   best = np.inf
   for _ in range(repeats):
