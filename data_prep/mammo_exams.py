@@ -70,7 +70,6 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from data_prep import image_folder
-from medguide_jax.data import images
 from medguide_jax.data import mammo
 from medguide_jax.data import synthetic_mammo
 
@@ -137,24 +136,12 @@ def _config(shape: tuple[int, int]) -> MammoConfig:
 # Records
 
 
-def encode_mask(mask: np.ndarray | None) -> bytes:
-  """{0,1} [H,W] -> 8-bit {0,255} PNG bytes; None (no mask) -> b''."""
-  if mask is None:
-    return b""
-  return images.encode_png(np.where(np.asarray(mask) > 0, 255, 0).astype(np.uint8))
-
-
 def glam_example(view: mammo.PreprocessedView, *, record_id: str, view_name: str,
                  labels: tuple[int, int], has_mask: Mapping[str, bool]) -> dict:
   """One record of the GLAM schema from a preprocessed view; masks only where `has_mask`."""
-  out = {"image": images.encode_png(view.image), "id": record_id.encode(),
-         "view": view_name.encode(), "source": synthetic_mammo.SOURCE.encode()}
-  for name, label in zip(CLASSES, labels):
-    mask = view.masks.get(name) if has_mask.get(name) else None
-    out[name] = np.int64(label)
-    out[f"{name}_mask"] = encode_mask(mask)
-    out[f"has_{name}_mask"] = np.int64(mask is not None)
-  return out
+  return synthetic_mammo.make_record(
+      view.image, record_id=record_id, view=view_name, labels=labels,
+      masks={c: view.masks.get(c) if has_mask.get(c) else None for c in CLASSES})
 
 
 class _MammoBuilder(tfds.core.GeneratorBasedBuilder):

@@ -72,7 +72,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import numpy as np
 from PIL import Image
@@ -113,6 +113,27 @@ def features() -> tfds.features.FeaturesDict:
       "view": blob(),
       "source": blob(),
   })
+
+
+def encode_mask(mask: np.ndarray | None) -> bytes:
+  """{0,1} [H,W] -> 8-bit {0,255} PNG bytes; None (no mask) -> b''."""
+  if mask is None:
+    return b""
+  return images.encode_png(np.where(np.asarray(mask) > 0, 255, 0).astype(np.uint8))
+
+
+def make_record(image: np.ndarray, *, record_id: str, view: str, labels,
+                masks: Mapping[str, np.ndarray | None]) -> dict:
+  """One record of `features()`: the image as 16-bit PNG, the labels, and per class a mask
+  PNG with has_<class>_mask = 1, or b'' and 0 where `masks` has None (no mask file)."""
+  record = {"image": images.encode_png(image), "id": record_id.encode(),
+            "view": view.encode(), "source": SOURCE.encode()}
+  for name, label in zip(CLASS_NAMES, labels):
+    mask = masks.get(name)
+    record[name] = np.int64(label)
+    record[f"{name}_mask"] = encode_mask(mask)
+    record[f"has_{name}_mask"] = np.int64(mask is not None)
+  return record
 
 
 # --- Case geometry (reference pixels of the 2944x1920 frame; y down, x right). ---
@@ -606,14 +627,5 @@ class SyntheticMammo(tfds.core.GeneratorBasedBuilder):
     for index in range(config.num_examples[split_id]):
       case, image, masks = _render_indexed(config.seed, split_id, index, config.image_shape)
       example_id = f"synthetic_mammo-{split}-{index:05d}"
-      record = {
-          "image": images.encode_png(image),
-          "id": example_id.encode(),
-          "view": case.view.encode(),
-          "source": SOURCE.encode(),
-      }
-      for name, label in zip(CLASS_NAMES, case.labels):
-        record[name] = np.int64(label)
-        record[f"{name}_mask"] = images.encode_png(masks[name] * np.uint8(255))
-        record[f"has_{name}_mask"] = np.int64(1)
-      yield example_id, record
+      yield example_id, make_record(image, record_id=example_id, view=case.view,
+                                    labels=case.labels, masks=masks)
