@@ -40,9 +40,8 @@ horizontal_flip=False)`, which neither flips (False is neither 'NO' nor 'YES') n
 them, and overlays them on the processed image: `mask_geometry='final'` reproduces that.
 
 Deviations (none changes a pixel of the reference's output): the exam list is read with a
-restricted unpickler (`load_exam_list`) instead of `pickle.load`; mean and std of
-`standardize` are accumulated in float64; the reference's asserts are ValueErrors; and the
-ignored random draws of the noise-free augmentation are not made.
+restricted unpickler (`load_exam_list`) instead of `pickle.load`; the reference's asserts
+are ValueErrors; and the ignored random draws of the noise-free augmentation are not made.
 """
 from __future__ import annotations
 
@@ -538,9 +537,10 @@ def fit_window(image: np.ndarray, best_center: tuple[int, int], view: str,
 
 
 def standardize(image: np.ndarray) -> np.ndarray:
-  """`standard_normalize_single_image`: float32 (x - mean) / max(std, 1e-5) over the image."""
-  values = np.asarray(image, np.float64)
-  return ((values - values.mean()) / max(float(values.std()), 1e-5)).astype(np.float32)
+  """`standard_normalize_single_image`: (x - mean) / max(std, 1e-5) over the image, in
+  float32 as the reference (which loads the image as float32 and normalises it in place)."""
+  values = np.asarray(image, np.float32)
+  return (values - values.mean()) / np.float32(max(float(values.std()), 1e-5))
 
 
 def _check_factor(factor: int, shape: tuple[int, ...], what: str) -> int:
