@@ -68,15 +68,21 @@ def stage(task: str, *, num_steps: int, batch_size: int, opt: ml_collections.Con
     patience: evaluations without improvement before stopping (0 = never stop early).
     init_from: comma-separated stage names or workdirs whose parameters initialise this one
       (a parameter is taken from the first source that has it).
-    init_params: regex of parameter paths taken from init_from ('' = all that exist).
+    init_params: which parameters init_from gives, as rules separated by ';': a regex of
+      this stage's parameter paths takes the same paths ('' = all that exist), and
+      '<target regex>=<source template>' maps them (e.g. 'img/(.*)=encoder/\\1' fills the
+      tower img/ from another method's encoder/). A rule that loads nothing is an error.
     freeze: regex of parameter paths that do not train (their batch statistics neither).
     train_examples: > 0 trains on that many training examples only (a fixed random subset,
       the same for every seed and stage: label-efficiency studies); 0 = all.
+    evals: evaluators beyond the task's own metrics, {name: {option: value}} (kNN,
+      robustness, prediction files, pictures; medguide_jax/evaluation/evaluators.py).
+      `--config.stages.S.evals.NAME.enabled=False` turns one off.
   """
   block = dict(task=task, num_steps=num_steps, batch_size=batch_size, opt=opt,
                eval_batch_size=128, log_every=-1, eval_every=-1, checkpoint_every=-1,
                keep_checkpoints=2, select="", patience=0, init_from="", init_params="",
-               freeze="", bootstrap=1000, train_examples=0)
+               freeze="", bootstrap=1000, train_examples=0, evals={})
   unknown = set(kw) - set(block)
   if unknown:
     raise ValueError(f"unknown stage fields: {sorted(unknown)}")

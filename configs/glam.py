@@ -62,14 +62,14 @@ DATASETS = {
 SIZES = {
     "smoke": dict(full=False, widths=(8, 16, 32, 64, 128), local_depth=18, local_width=16,
                   crop=(64, 64), batch=16, steps=(120, 60, 60), lr=(1e-3, 1e-3, 3e-4),
-                  eval_batch=48, visualize=4),
+                  eval_batch=48, pictures=4),
     "cpu": dict(full=False, widths=(16, 32, 64, 128, 256), local_depth=18, local_width=32,
                 crop=(64, 64), batch=16, steps=(1200, 600, 600), lr=(1e-3, 1e-3, 3e-4),
-                eval_batch=48, visualize=16),
+                eval_batch=48, pictures=16),
     # GMIC's released learning rates lie in [3.5e-6, 3.2e-5] (nyukat/GMIC#4).
     "full": dict(full=True, widths=(16, 32, 64, 128, 256), local_depth=34, local_width=64,
                  crop=(512, 512), batch=8, steps=(20000, 10000, 10000), lr=(3e-5, 3e-5, 1e-5),
-                 eval_batch=8, visualize=16),
+                 eval_batch=8, pictures=16),
 }
 
 
@@ -78,15 +78,20 @@ def _stages(sz: dict, arg) -> ml_collections.ConfigDict:
   adam = lambda lr: common.optimizer("adam", lr=lr, schedule="cosine", warmup_steps=-1,
                                      accumulate_steps=arg.accumulate)
   # Smoke runs evaluate twice per stage (the 200 validation images cost more than 30 steps).
+  # The test split's predictions.csv (the reference's columns) and pictures of its first
+  # images (input with mask outlines, patch, benign and malignant maps).
+  evals = {"predictions": {"type": "predictions_csv", "splits": "test"},
+           "pictures": {"count": sz["pictures"], "splits": "test"}}
   def stage(task, steps, lr, select="max:val/auc/mean", **kw):
     return common.stage(
         task, num_steps=steps, batch_size=sz["batch"], eval_batch_size=sz["eval_batch"],
         eval_every=steps // 2 if arg.smoke else -1, select=select,
-        bootstrap=200 if arg.smoke else 1000, opt=adam(lr), **kw)
+        bootstrap=200 if arg.smoke else 1000, opt=adam(lr), evals=evals, **kw)
   if arg.pretrained or arg.weights:  # evaluation only
     return ml_collections.ConfigDict({"inference": common.stage(
         "inference", num_steps=0, batch_size=sz["batch"], eval_batch_size=sz["eval_batch"],
-        opt=common.optimizer("adam", lr=0.0), init_from=arg.pretrained, bootstrap=200)})
+        opt=common.optimizer("adam", lr=0.0), init_from=arg.pretrained, bootstrap=200,
+        evals=evals)})
   # Stage names are not 'global' / 'local': `global` is a Python keyword, so an override
   # --config.stages.global.num_steps=... could not be parsed.
   return ml_collections.ConfigDict({
@@ -121,7 +126,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       crop_shape=sz["crop"], num_patches=1,
       percent_t_global=0.03, percent_t_local=0.3,  # the released inference values
       sparsity=1.0,            # lambda on the mean |saliency| (tasks/glam.py docstring)
-      dice_threshold=0.5, remat=arg.remat, visualize=sz["visualize"], weights=arg.weights))
+      dice_threshold=0.5, remat=arg.remat, weights=arg.weights))
   c.stages = _stages(sz, arg)
   c.default_stage = "inference" if "inference" in c.stages else "joint"
   common.keep_stages(c, arg.stages)

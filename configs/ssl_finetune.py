@@ -58,10 +58,17 @@ DOWNSTREAM = {
 }
 
 
+# Every classifier is also evaluated under test-time perturbations (the paper's robustness
+# claims); the knn stages' metrics are the k-NN vote's (DINO's k=20, T=0.07).
+ROBUST = {"robust": {"type": "robustness"}}
+KNN = {"knn": {"k": 20, "temperature": 0.07, "prefix": ""}}
+
+
 def _downstream(ds: dict, task: str, *, init: str, freeze: str = "",
                 lr: float | None = None, bootstrap: int = 1000, steps: int | None = None,
                 examples: int = 0, **kw) -> ml_collections.ConfigDict:
   steps = ds["steps"] if steps is None else steps
+  kw.setdefault("evals", KNN if task == "knn" else ROBUST)
   return common.stage(
       task, num_steps=steps, batch_size=ds["batch"], eval_batch_size=256,
       eval_every=max(steps // 20, 1) if steps else 0, select="max:val/balanced_accuracy" if steps

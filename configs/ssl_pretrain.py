@@ -80,7 +80,7 @@ def ssl_block(sz: dict, objective: str) -> ml_collections.ConfigDict:
       sinkhorn="global",             # 'global' (XLA reduces) | 'shard_map' (reference psums)
       contrastive_temperature=0.1,
       queue_length=sz["queue"], queue_start=0,  # steps; used once full, FIFO
-      hybrid_lambda=1.0, knn_k=20, knn_temperature=0.07, robustness=True,
+      hybrid_lambda=1.0,
       # Per-crop augmentation (data/multicrop.AugmentConfig): SwAV's flip and blur, its colour
       # jitter as brightness/contrast/gamma for grey images (saturation/hue for colour only),
       # plus the paper's medical rotation, scaling (the crops) and noise.
@@ -99,6 +99,7 @@ def model_block(sz: dict, model: str) -> ml_collections.ConfigDict:
 def pretrain_stage(sz: dict) -> ml_collections.ConfigDict:
   return common.stage(
       "swav", num_steps=sz["steps"], batch_size=sz["batch"], eval_batch_size=256, bootstrap=0,
+      evals={"knn_loo": {"k": 20, "prefix": ""}},  # knn_accuracy: the pretraining monitor
       opt=common.optimizer(sz["opt"], lr=sz["lr"], momentum=0.9, nesterov=False,
                            weight_decay=1e-6, schedule="cosine", warmup_steps=sz["warmup"],
                            warmup_start_factor=0.0625, end_lr_factor=0.001,

@@ -38,8 +38,7 @@ class Run:
 
   def predict(self, batch: dict) -> dict:
     """The task's eval-mode outputs for a host batch (numpy in, numpy out)."""
-    return jax.tree.map(lambda x: jax.device_get(x),
-                        jax.jit(self.task.predict)(self.variables, batch))
+    return jax.tree.map(jax.device_get, self.setup.predict_fn()(self.variables, batch))
 
   def evaluate(self, split: str = "test", bootstrap: int = 0) -> dict:
     return train.evaluate_split(self.setup, self.variables, split, bootstrap=bootstrap)

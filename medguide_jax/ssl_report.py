@@ -25,27 +25,17 @@ from absl import app, flags
 from etils import epath
 
 from medguide_jax import metric_writers
+from medguide_jax import report as report_lib
 
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "Finished ssl_finetune workdirs (one per seed).")
 _TARGET = flags.DEFINE_float("target_fraction", 0.95, "Target = this x scratch's best val metric.")
 _METRIC = flags.DEFINE_string("metric", "balanced_accuracy", "Validation metric to track.")
 _OUT = flags.DEFINE_string("out", "", "Write the report here as JSON.")
 
-# Student-t 97.5% quantiles for n-1 degrees of freedom (n = 2..10 seeds).
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-
-
 def summarise(values: list[float]) -> dict:
-  """mean, sd, 95% t-interval over seeds (nan entries dropped)."""
-  v = np.asarray([x for x in values if x is not None and not math.isnan(x)], np.float64)
-  if v.size == 0:
-    return {"n": 0}
-  out = {"n": int(v.size), "mean": float(v.mean()), "values": [float(x) for x in v]}
-  if v.size > 1:
-    sd = float(v.std(ddof=1))
-    half = _T975.get(v.size - 1, 1.96) * sd / math.sqrt(v.size)
-    out.update(sd=sd, ci95=[out["mean"] - half, out["mean"] + half])
-  return out
+  """report_lib.summarise (mean, sd, 95% t-interval over seeds; nan dropped) with the values."""
+  kept = [float(x) for x in values if x is not None and math.isfinite(x)]
+  return {**report_lib.summarise(kept), "values": kept}
 
 
 def eval_curve(stage_dir: epath.Path, metric: str) -> list[tuple[int, float]]:
@@ -117,7 +107,7 @@ def _fmt(s: dict) -> str:
   if not s.get("n"):
     return "-"
   text = f"{s['mean']:.3f}"
-  if "ci95" in s:
+  if s.get("ci95"):
     text += f" ± {s['sd']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]"
   return text
 

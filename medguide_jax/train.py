@@ -25,7 +25,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from medguide_jax import checkpointing, metric_writers, optim, parallel, run_info, tasks
-from medguide_jax.data import builders, mixture, pipeline, sources, transforms
+from medguide_jax.data import builders, mixture, pipeline, sources
+from medguide_jax.evaluation import evaluators as evaluators_lib
 
 EXIT_PREEMPTED = 75
 EVAL_SPLITS = ("validation", "test")
@@ -104,7 +105,7 @@ def make_train_step(task, tx, *, seed: int, accumulate: int, frozen_state_mask):
     ((loss, metrics), ms, grads), _ = jax.lax.scan(body, init, (micro, jnp.arange(accumulate)))
     return (loss, (metrics, ms)), grads
 
-  prepare = getattr(task, "prepare_params", None) or (lambda params: params)
+  prepare = task.prepare_params
 
   def step(state: TrainState, batch: dict):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
@@ -184,35 +185,76 @@ def _source_stage_dir(workdir: epath.Path, source: str) -> epath.Path:
   return path
 
 
-def _load_init(variables: dict, stage, workdir: epath.Path) -> dict:
-  """Overwrites leaves of `variables` with those of the init_from stages (first source wins)."""
-  pattern = re.compile(stage.init_params or ".*")
-  loaded = {}
-  for source in filter(None, (s.strip() for s in stage.init_from.split(","))):
-    stored = checkpointing.load_variables(_source_stage_dir(workdir, source) / "variables")
-    flat = {checkpointing._path(p): v for p, v in jax.tree_util.tree_leaves_with_path(stored)}  # pylint: disable=protected-access
-    for key, value in flat.items():
-      # key is '<collection>/<module path>'; init_params matches the module path.
-      if key not in loaded and pattern.fullmatch(key.partition("/")[2]):
-        loaded[key] = (source, value)
+def init_rules(init_params: str) -> list[tuple[str, re.Pattern, str | None]]:
+  """Parses init_params: rules separated by ';', each '<target regex>' (take the same path)
+  or '<target regex>=<source template>' (take the source path the template gives from the
+  target's groups, e.g. 'img/(.*)=encoder/\\1'). '' is one rule taking every path. The '='
+  that splits a rule is the first whose left side compiles (so '(?=...)' stays a regex).
+  Returns (rule text, target regex, source template or None) per rule."""
+  rules = []
+  for text in filter(None, (r.strip() for r in (init_params or ".*").split(";"))):
+    for i in [i for i, ch in enumerate(text) if ch == "="] + [len(text)]:
+      try:
+        target = re.compile(text[:i])
+      except re.error:
+        continue
+      rules.append((text, target, text[i + 1:] if i < len(text) else None))
+      break
+    else:
+      raise ConfigError(f"init_params rule {text!r} is not a valid regex")
+  return rules
 
-  used = []
+
+def _flat_variables(tree) -> dict[str, Any]:
+  return {checkpointing._path(p): v for p, v in jax.tree_util.tree_leaves_with_path(tree)}  # pylint: disable=protected-access
+
+
+def _init_source(key: str, rules, stored: dict[str, dict]) -> tuple[int, str, str] | None:
+  """(rule index, source name, source key) for a target key '<collection>/<path>': the first
+  rule whose regex fullmatches the path and whose source path exists in some init_from."""
+  collection, _, path = key.partition("/")
+  for r, (_, target, template) in enumerate(rules):
+    m = target.fullmatch(path)
+    if m is None:
+      continue
+    source_key = f"{collection}/{m.expand(template) if template is not None else path}"
+    for name, flat in stored.items():
+      if source_key in flat:
+        return r, name, source_key
+  return None
+
+
+def _load_init(variables: dict, stage, workdir: epath.Path) -> dict:
+  """Overwrites leaves of `variables` with those of the init_from stages, mapped by the
+  init_params rules (first rule, then first source, wins). A rule that loads nothing is an
+  error listing the paths the sources have."""
+  stored = {source: _flat_variables(checkpointing.load_variables(
+                _source_stage_dir(workdir, source) / "variables"))
+            for source in filter(None, (s.strip() for s in stage.init_from.split(",")))}
+  rules = init_rules(stage.init_params)
+  used, rules_used = [], set()
 
   def take(path, leaf):
     key = checkpointing._path(path)  # pylint: disable=protected-access
-    if key not in loaded:
+    found = _init_source(key, rules, stored)
+    if found is None:
       return leaf
-    source, value = loaded[key]
+    r, source, source_key = found
+    value = stored[source][source_key]
     if value.shape != leaf.shape:
-      raise ConfigError(f"init_from {source!r}: {key} has shape {value.shape}, "
-                        f"the config wants {leaf.shape}")
+      raise ConfigError(f"init_from {source!r}: {source_key} has shape {value.shape}, "
+                        f"the config's {key} wants {leaf.shape}")
     used.append(key)
+    rules_used.add(r)
     return jnp.asarray(value, leaf.dtype)
 
   out = jax.tree_util.tree_map_with_path(take, variables)
-  if stage.init_from and not used:
-    raise ConfigError(f"init_from {stage.init_from!r} with init_params {stage.init_params!r} "
-                      "matched no parameter of this stage")
+  unused = [text for r, (text, _, _) in enumerate(rules) if r not in rules_used]
+  if unused:
+    have = sorted({k.partition("/")[2].rsplit("/", 1)[0] for f in stored.values() for k in f})
+    raise ConfigError(f"init_from {stage.init_from!r}: init_params rule(s) {unused} loaded no "
+                      f"parameter of this stage; the sources hold modules {have[:40]}"
+                      f"{' ...' if len(have) > 40 else ''}")
   logging.info("init_from %s: %d arrays loaded", stage.init_from, len(used))
   return out
 
@@ -278,23 +320,44 @@ class StageSetup:
       except ValueError as e:
         raise ConfigError(f"stages.{name}.{e}") from e
     try:
-      self.task = tasks.get_task(config, stage, self.sources["train"])
+      self.task = tasks.get_task(tasks.TaskContext(config, stage, self.sources["train"], mesh))
+      self.evaluators = evaluators_lib.from_config(stage.get("evals"), self.task)
     except ValueError as e:  # a task's config check: bad usage, nothing written yet
       raise ConfigError(f"stages.{name} ({stage.task}): {e}") from e
-    self.task.mesh = mesh  # for tasks with per-device work (shard_map)
-    # A task may decode its own examples (ssl: multi-crop); otherwise the dataset layout's.
-    self.example_fn = getattr(self.task, "example_fn", None) or functools.partial(
-        transforms.EXAMPLE_FNS[sources.layout(config.data.name)],
-        image_size=config.data.image_size)
+    self.metric_keys = self._check_metric_keys()
+    init_rules(stage.init_params)  # a bad regex is exit 2 now, not after the first stages
+    self.example_fn = self.task.example_fn
+
+  def _check_metric_keys(self) -> set[str]:
+    """Every metric an evaluation of this stage may give; `select` and the table's columns
+    must be among them (checked before anything is written)."""
+    keys, training = set(self.task.metric_keys()), set(self.task.metric_keys())
+    for ev in self.evaluators:
+      clash = keys & ev.prefixed_keys()
+      if clash:
+        raise ConfigError(f"stages.{self.name}.evals.{ev.name}: its metrics {sorted(clash)} "
+                          "clash with the task's or another evaluator's; give it a prefix")
+      keys |= ev.prefixed_keys()
+      training |= ev.prefixed_keys() if ev.every_eval else set()
+    if self.stage.select:
+      mode, _, key = self.stage.select.partition(":")
+      key = key.removeprefix("val/")
+      if mode not in ("min", "max") or key not in training:
+        hint = (f"; {key!r} comes from an evaluator without every_eval=True" if key in keys
+                else "")
+        raise ConfigError(f"stages.{self.name}.select={self.stage.select!r}: expected "
+                          f"'min:val/<metric>' or 'max:val/<metric>' with a metric of the "
+                          f"evaluations during training{hint}; they have {sorted(training)}")
+    return keys
 
   @functools.cache
-  def predict_fn(self):
-    """The task's predict, jitted once per stage (every evaluation reuses the compile)."""
-    prepare = getattr(self.task, "prepare_params", None)
-    predict = self.task.predict
-    if prepare is not None:
-      predict = lambda variables, batch: self.task.predict(
-          {**variables, "params": prepare(variables["params"])}, batch)
+  def predict_fn(self, fn=None):
+    """`fn(variables, batch)` (default: the task's predict) after the task's parameter
+    transform, jitted once per stage and fn (every evaluation reuses the compile)."""
+    fn = fn or self.task.predict
+    prepare = self.task.prepare_params
+    predict = lambda variables, batch: fn({**variables, "params": prepare(variables["params"])},
+                                          batch)
     return jax.jit(predict, out_shardings=parallel.replicated(self.mesh))
 
   def dataset(self, split: str, *, train: bool):
@@ -372,9 +435,11 @@ def _restore_or_init(setup: StageSetup, ckpt: checkpointing.Checkpointer, data_i
 
 
 # --------------------------------------------------------------------------- evaluation
-def predict_split(setup: StageSetup, variables: dict, split: str) -> dict[str, np.ndarray]:
-  """The task's per-example outputs over a whole split: every example exactly once."""
-  predict = setup.predict_fn()
+def predict_split(setup: StageSetup, variables: dict, split: str, fn=None
+                  ) -> dict[str, np.ndarray]:
+  """Per-example outputs of `fn` (default: the task's predict) over a whole split: every
+  example exactly once, in the source's order."""
+  predict = setup.predict_fn(fn)
   chunks = []
   for batch in setup.dataset(split, train=False):
     mask = batch.pop("mask")
@@ -387,16 +452,19 @@ def predict_split(setup: StageSetup, variables: dict, split: str) -> dict[str, n
 
 
 def evaluate_split(setup: StageSetup, variables: dict, split: str, *, bootstrap: int = 0,
-                   write_outputs: bool = False) -> dict:
-  """The task's metrics over `split`; with `write_outputs`, the task's optional
-  `write_outputs(stage_dir, variables, source, outputs)` hook also gets the per-example
-  outputs (glam: predictions.csv and pictures)."""
-  if hasattr(setup.task, "prepare_eval"):  # e.g. kNN: the training split's features first
-    setup.task.prepare_eval(functools.partial(predict_split, setup, variables))
+                   during_training: bool = False) -> dict:
+  """The task's metrics over `split`, then each evaluator's that runs there (during
+  training, only those with every_eval)."""
   outputs = predict_split(setup, variables, split)
-  if write_outputs and hasattr(setup.task, "write_outputs"):
-    setup.task.write_outputs(os.fspath(setup.dir), variables, setup.sources[split], outputs)
-  return setup.task.evaluate(outputs, bootstrap=bootstrap, seed=setup.config.seed)
+  metrics = setup.task.evaluate(outputs, bootstrap=bootstrap, seed=setup.config.seed)
+  ctx = evaluators_lib.EvalContext(
+      task=setup.task, split=split, outputs=outputs, variables=variables,
+      predict=functools.partial(predict_split, setup, variables), source=setup.sources[split],
+      stage_dir=os.fspath(setup.dir), bootstrap=bootstrap, seed=setup.config.seed)
+  for evaluator in setup.evaluators:
+    if split in evaluator.splits and (evaluator.every_eval or not during_training):
+      metrics.update(evaluator(ctx))
+  return metrics
 
 
 def _variables(state: TrainState, which: str) -> dict:
@@ -412,9 +480,9 @@ def _scalars(metrics: dict, prefix: str) -> dict[str, float]:
 def _track_best(setup: StageSetup, state: TrainState, val: dict) -> TrainState:
   """Keeps the parameters with the best validation score (early stopping's memory)."""
   mode, _, key = setup.stage.select.partition(":")
-  if key.removeprefix("val/") not in val:
-    raise ConfigError(f"stages.{setup.name}.select={setup.stage.select!r}: the validation metrics "
-                      f"have no {key.removeprefix('val/')!r}; they have {sorted(val)}")
+  if key.removeprefix("val/") not in val:  # declared (checked at set-up) but not given
+    raise ValueError(f"stages.{setup.name}.select={setup.stage.select!r}: this evaluation gave "
+                     f"no {key.removeprefix('val/')!r}; it gave {sorted(val)}")
   score = float(val[key.removeprefix("val/")])
   best = float(state.best_score)
   if (score < best) if mode == "min" else (score > best):
@@ -492,12 +560,11 @@ def train_stage(setup: StageSetup, workdir: epath.Path) -> TrainState:
     if _every(stage.log_every, step, last):
       _check_finite(setup, state)
       log.update(_scalars(metrics, "train/"), **progress.report(step))
-      if hasattr(setup.task, "on_log"):  # e.g. SwAV's collapse warning
-        setup.task.on_log(step, log)
+      setup.task.on_log(step, log)
     if stage.select and _every(stage.eval_every, step, last):
       t = time.monotonic()
       _check_finite(setup, state)
-      val = evaluate_split(setup, _variables(state, "last"), "validation")
+      val = evaluate_split(setup, _variables(state, "last"), "validation", during_training=True)
       state = jax.device_put(_track_best(setup, state, val), shardings)
       log.update(_scalars(val, "eval/validation/"))
       progress.pause(time.monotonic() - t)
@@ -530,8 +597,7 @@ def finish_stage(setup: StageSetup, state: TrainState) -> dict:
   checkpointing.save_variables(setup.dir / "variables", variables)
   metrics = {}
   for split in EVAL_SPLITS:
-    result = evaluate_split(setup, variables, split, bootstrap=setup.stage.bootstrap,
-                            write_outputs=split == "test")
+    result = evaluate_split(setup, variables, split, bootstrap=setup.stage.bootstrap)
     metrics.update({f"{split}/{k}": v for k, v in result.items()})
   stage_result = {"step": step, "checkpoint": which, "metrics": metrics}
   table = [table_row(setup.name, setup.task.headline, metrics)] if setup.task.in_table else []
@@ -617,6 +683,15 @@ def stage_order(config) -> list[str]:
   return order
 
 
+def _check_columns(setups: list[StageSetup]) -> None:
+  """Every column of the printed table is a metric some stage in the table declares (a
+  stage may lack one: GLAM's global stage has no fused map)."""
+  declared = set().union(*[s.metric_keys for s in setups if s.task.in_table])
+  missing = sorted({c for s in setups if s.task.in_table for c in s.task.columns} - declared)
+  if missing:
+    raise ValueError(f"table columns {missing} are declared by no stage's task or evaluators")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs every stage of `config` in order into `workdir`; returns the combined results.
 
@@ -629,6 +704,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ConfigError("config.stages is empty")
   data_sources = open_sources(config)  # once: every stage reads the same dataset
   setups = [StageSetup(config, name, workdir, mesh, data_sources) for name in stage_order(config)]
+  _check_columns(setups)
   finished = {s.name: _check_finished(s, config) for s in setups}
   for setup in setups:
     if not finished[setup.name]:

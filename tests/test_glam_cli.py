@@ -17,8 +17,9 @@ GLAM_SAMPLE = os.path.join(SHARED, "mammo_nyu_glam_sample")
 
 # configs/glam.py:smoke cut to 192x128 images, tiny widths and a 32 px patch.
 _TINY = ["--config.data.name=synthetic_mammo:tiny", "--config.model.global_widths=(4,4,8,8,8)",
-         "--config.model.local_width=4", "--config.model.crop_shape=(32,32)",
-         "--config.model.visualize=2"]
+         "--config.model.local_width=4", "--config.model.crop_shape=(32,32)"]
+_PICTURES = [f"--config.stages.{s}.evals.pictures.count=2" for s in ("global_net", "local_net",
+                                                                      "joint")]
 
 
 def _stage_args(name: str, steps: int) -> list[str]:
@@ -30,7 +31,7 @@ def _stage_args(name: str, steps: int) -> list[str]:
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("glam")
-  args = list(_TINY)
+  args = _TINY + _PICTURES
   for name in ("global_net", "local_net", "joint"):
     args += _stage_args(name, 4)
   proc = helpers.run_main(workdir, args, config_file="configs/glam.py", config_arg="smoke",
@@ -120,7 +121,8 @@ def test_the_real_nyu_sample_goes_through_the_whole_pipeline(smoke_run, tmp_path
   workdir, _ = smoke_run
   args = [a for a in _TINY[1:] if "crop_shape" not in a] + ["--config.model.crop_shape=(64,64)",
                       f"--config.data.manual_dir={GLAM_SAMPLE}",
-                      "--config.stages.inference.eval_batch_size=8"]
+                      "--config.stages.inference.eval_batch_size=8",
+                      "--config.stages.inference.evals.pictures.count=2"]
   helpers.run_main(tmp_path, args, config_file="configs/glam.py",
                    config_arg=f"smoke,dataset=nyu_glam_sample,pretrained={workdir / 'joint'}")
   m = json.loads((tmp_path / "results.json").read_text())["stages"]["inference"]["metrics"]

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from configs import glam as glam_config
-from medguide_jax.data import images
-from medguide_jax.evaluation import segmentation
-from medguide_jax.tasks import glam
+from medguide_jax.data import images, mammo
+from medguide_jax.evaluation import glam_outputs, segmentation
+from medguide_jax.losses import classification
+from medguide_jax.tasks import base, glam
 
 
 def test_bce_matches_numpy_and_ignores_padding():
@@ -19,8 +20,11 @@ def test_bce_matches_numpy_and_ignores_padding():
   y = np.array([[1, 0], [0, 1], [1, 1]], np.float32)
   w = np.array([1, 1, 0], np.float32)  # the third row is padding
   expect = np.mean([-(np.log(0.9) + np.log(0.8)) / 2, -(np.log(0.7) + np.log(0.6)) / 2])
-  np.testing.assert_allclose(glam.bce(jnp.asarray(p), jnp.asarray(y), jnp.asarray(w)), expect,
-                             rtol=1e-6)
+  np.testing.assert_allclose(classification.binary_cross_entropy(
+      probs=jnp.asarray(p), labels=jnp.asarray(y), weights=jnp.asarray(w)), expect, rtol=1e-6)
+  rows = classification.binary_cross_entropy(probs=jnp.asarray(p), labels=jnp.asarray(y),
+                                             reduction="none")
+  np.testing.assert_allclose(rows[2], -np.log(0.5), rtol=1e-6)  # per example, unweighted
 
 
 def test_dice_sums_and_means_by_hand():
@@ -30,7 +34,7 @@ def test_dice_sums_and_means_by_hand():
   m[0, :2, :4, 0] = 1            # benign truth: the top two rows
   s[0, 3, 3, 1] = 0.4            # malignant: below the threshold
   m[0, 3, 3, 1] = 1
-  out = {k: np.asarray(v) for k, v in glam.dice_sums(jnp.asarray(s), jnp.asarray(m), 0.5).items()}
+  out = {k: np.asarray(v) for k, v in segmentation.dice_sums(jnp.asarray(s), jnp.asarray(m), 0.5).items()}
   np.testing.assert_allclose(out["inter"][0], [3.2, 0.4], rtol=1e-6)
   np.testing.assert_allclose(out["pred"][0], [3.2, 0.4], rtol=1e-6)
   np.testing.assert_array_equal(out["target"][0], [8, 1])
@@ -65,7 +69,7 @@ def test_dice_metrics_per_class_and_gain():
     outputs[f"dice_{m}/target"] = np.full((n, 2), 4.0)
     outputs[f"dice_{m}/hard_inter"] = np.zeros((n, 2))
     outputs[f"dice_{m}/hard_pred"] = np.zeros((n, 2))
-  r = glam.dice_metrics(outputs, labels)
+  r = segmentation.dice_metrics(outputs, labels, glam.CLASSES)
   np.testing.assert_allclose(r["dice_global/benign"], 2 / 6)
   np.testing.assert_allclose(r["dice_fused/benign"], 4 / 8)
   np.testing.assert_allclose(r["dice_gain/benign"], (0.5 - 1 / 3) / (1 / 3))
@@ -77,14 +81,14 @@ def test_write_predictions_is_the_reference_layout(tmp_path):
   outputs = {"y_global": np.array([[0.31414, 0.0111], [0.45, 0.1458]]),
              "labels": np.array([[0, 0], [1, 0]], np.float32)}
   path = tmp_path / "predictions.csv"
-  glam.write_predictions(str(path), ["0_L-CC", "0_R-CC"], outputs)
+  glam_outputs.write_predictions(str(path), ["0_L-CC", "0_R-CC"], outputs)
   rows = list(csv.reader(path.open()))
   assert rows[0] == ["image_index", "benign_pred", "malignant_pred", "benign_label",
                      "malignant_label"]
   assert rows[1] == ["0_L-CC", "0.3141", "0.0111", "0", "0"]
   assert rows[2] == ["0_R-CC", "0.4500", "0.1458", "1", "0"]
   with pytest.raises(ValueError, match="3 ids for 2"):
-    glam.write_predictions(str(path), ["a", "b", "c"], outputs)
+    glam_outputs.write_predictions(str(path), ["a", "b", "c"], outputs)
 
 
 def _record(mask_benign: bool):
@@ -99,7 +103,7 @@ def _record(mask_benign: bool):
 
 def test_example_standardises_and_decodes_masks():
   record, img = _record(True)
-  ex = glam.glam_example(record, augment=False)
+  ex = mammo.glam_example(record, augment=False)
   x = ex["image"][..., 0]
   assert ex["image"].shape == (32, 16, 1)
   np.testing.assert_allclose(x.mean(), 0, atol=1e-5)
@@ -109,13 +113,13 @@ def test_example_standardises_and_decodes_masks():
   assert ex["seg"].shape == (32, 16, 2) and ex["seg"][..., 0].sum() == 16
   np.testing.assert_array_equal(ex["has_seg"], [1, 0])
   np.testing.assert_array_equal(ex["labels"], [1, 0])
-  train = glam.glam_example(record, augment=True)
+  train = mammo.glam_example(record, augment=True)
   assert "seg" not in train  # masks never reach training
 
 
 def test_a_view_without_a_mask_file_has_an_empty_mask():
   record, _ = _record(False)
-  ex = glam.glam_example(record, augment=False)
+  ex = mammo.glam_example(record, augment=False)
   assert ex["seg"].sum() == 0 and ex["has_seg"].sum() == 0
 
 
@@ -123,7 +127,7 @@ def test_a_mask_of_the_wrong_shape_names_it():
   record, _ = _record(True)
   record["benign_mask"] = images.encode_png(np.zeros((8, 8), np.uint8))
   with pytest.raises(ValueError, match="benign_mask of 0_R-CC"):
-    glam.glam_example(record, augment=False)
+    mammo.glam_example(record, augment=False)
 
 
 def test_render_example_draws_outlines_patches_and_maps():
@@ -133,7 +137,7 @@ def test_render_example_draws_outlines_patches_and_maps():
   seg[10:20, 5:15, 0] = 1
   saliency = np.zeros((h, w, 2), np.float32)
   saliency[40:50, 10:20, 1] = 1.0
-  pic = glam.render_example(image, seg, np.array([1, 0]), np.array([[30, 8]]), (16, 16),
+  pic = glam_outputs.render_example(image, seg, np.array([1, 0]), np.array([[30, 8]]), (16, 16),
                             saliency, max_height=64)
   gap = max(4, w // 60)
   assert pic.shape == (h, 4 * w + 3 * gap, 3) and pic.dtype == np.uint8
@@ -176,9 +180,9 @@ def test_an_evaluation_only_dataset_cannot_be_trained_on():
   source = _FakeSource(image_shape=[368, 240], class_names=["benign", "malignant"],
                        evaluation_only=True)
   with pytest.raises(ValueError, match="evaluation-only.*pretrained="):
-    glam.GlamTask(c, c.stages.global_net, source)
+    glam.GlamTask(base.TaskContext(c, c.stages.global_net, source))
   inference = glam_config.get_config("smoke,dataset=nyu_glam_sample,pretrained=/w/joint")
-  task = glam.GlamTask(inference, inference.stages.inference, source)
+  task = glam.GlamTask(base.TaskContext(inference, inference.stages.inference, source))
   assert task.image_shape == (368, 240)
   with pytest.raises(ValueError, match="no 'image_shape'"):
-    glam.GlamTask(c, c.stages.global_net, _FakeSource(class_names=[]))
+    glam.GlamTask(base.TaskContext(c, c.stages.global_net, _FakeSource(class_names=[])))

@@ -58,7 +58,7 @@ from typing import Any, Mapping
 import numpy as np
 import scipy.ndimage
 
-from medguide_jax.data import readers
+from medguide_jax.data import multicrop, readers
 
 VIEWS = ("L-CC", "R-CC", "L-MLO", "R-MLO")
 # The reference's INPUT_SIZE_DICT: the same window for every view, (rows, columns).
@@ -679,3 +679,34 @@ def preprocess_view(image: np.ndarray, *, view: str, horizontal_flip: str = "NO"
     out_masks[name] = mask.astype(np.uint8)
   return PreprocessedView(image=out_image, masks=out_masks, crop=crop, best_center=center,
                           flipped=flipped, offsets=offsets, factor=factor)
+
+
+# --------------------------------------------------------------------------- decoding
+GLAM_CLASSES = ("benign", "malignant")
+
+
+def decode_mask(data: bytes, shape: tuple[int, int], what: str) -> np.ndarray:
+  """A {0,255} PNG -> uint8 {0,1} [H,W]; b'' (no mask file) -> zeros."""
+  if not data:
+    return np.zeros(shape, np.uint8)
+  mask = multicrop.decode(data, what=what)[..., 0] > 0.5
+  if mask.shape != tuple(shape):
+    raise ValueError(f"{what}: mask shape {mask.shape} differs from the image's {tuple(shape)}")
+  return mask.astype(np.uint8)
+
+
+def glam_example(record: Mapping, rng=None, *, augment: bool) -> dict:
+  """A mammogram record -> standardised image [H,W,1], labels [2]; for evaluation also the
+  masks [H,W,2] (uint8) and which classes have one [2]. No augmentation: the reference's
+  only training-time augmentation is noise in the crop window, which the stored views have
+  already fixed."""
+  del rng
+  name = multicrop.text(record.get("id", "?"))
+  image = multicrop.decode(record["image"], what=f"image {name}")[..., 0]
+  out = {"image": standardize(image)[..., None],
+         "labels": np.array([record["benign"], record["malignant"]], np.float32)}
+  if not augment:
+    out["seg"] = np.stack([decode_mask(record[f"{c}_mask"], image.shape, f"{c}_mask of {name}")
+                           for c in GLAM_CLASSES], axis=-1)
+    out["has_seg"] = np.array([record[f"has_{c}_mask"] for c in GLAM_CLASSES], np.float32)
+  return out

@@ -353,7 +353,8 @@ def augment(crop: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig, *,
 # ----------------------------------------------------------------------------- examples
 
 
-def _text(value) -> str:
+def text(value) -> str:
+  """A record field stored as bytes or str, as str."""
   return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -361,7 +362,7 @@ def _image_for(record: Mapping, channels: int) -> np.ndarray:
   """The record's image as float32 [H, W, 1 or 3]; colour becomes luma when channels == 1."""
   if channels not in (1, 3):
     raise ValueError(f"channels must be 1 or 3, got {channels}")
-  image = decode(record["image"], what=f"image of record {_text(record.get('id', '?'))}")
+  image = decode(record["image"], what=f"image of record {text(record.get('id', '?'))}")
   return _grey(image) if channels == 1 and image.shape[-1] == 3 else image
 
 
@@ -369,7 +370,7 @@ def _norm_for(record: Mapping, norm: Mapping[str, tuple[float, float]] | None):
   """(mean, std) of the record's source; None = per-crop standardisation."""
   if norm is None:
     return None
-  source = _text(record.get("source", ""))
+  source = text(record.get("source", ""))
   mean, std = norm.get(source, DEFAULT_NORM)
   if std <= 0:
     raise ValueError(f"norm[{source!r}] std must be > 0, got {std}")
@@ -384,7 +385,7 @@ def _normalise(x: np.ndarray, mean_std) -> np.ndarray:
 
 def _label(record: Mapping) -> np.ndarray:
   if "label" not in record:
-    raise ValueError(f"record {_text(record.get('id', '?'))} has no field 'label'")
+    raise ValueError(f"record {text(record.get('id', '?'))} has no field 'label'")
   return np.int32(record["label"])
 
 
@@ -442,6 +443,26 @@ def single_image_example(record: Mapping, rng: np.random.Generator | None, *, im
   out = multicrop_example(record, rng, crops=[spec], channels=channels, norm=norm,
                           augment_cfg=augment_cfg or LIGHT_AUGMENT)
   return {"image": out["crops_0"][0], "label": out["label"]}
+
+
+def source_norms(train_source, *, max_records: int = 512) -> dict[str, tuple[float, float]]:
+  """Per-source intensity mean and std (of [0, 1] pixels) over up to `max_records` records
+  spread evenly through the training split: 'normalisation per source'."""
+  n = len(train_source)
+  idx = np.unique(np.linspace(0, n - 1, min(n, max_records)).astype(int))
+  sums: dict[str, list[float]] = {}
+  for i in idx:
+    record = train_source[int(i)]
+    img = decode(record["image"], what=f"record {i}")
+    s = sums.setdefault(text(record["source"]), [0.0, 0.0, 0.0])
+    s[0] += float(img.sum())
+    s[1] += float(np.square(img, dtype=np.float64).sum())
+    s[2] += img.size
+  out = {}
+  for src, (s1, s2, cnt) in sorted(sums.items()):
+    mean = s1 / cnt
+    out[src] = (round(mean, 4), round(max(math.sqrt(max(s2 / cnt - mean * mean, 0.0)), 1e-3), 4))
+  return out
 
 
 def pipeline_throughput(source, example_fn: Callable, *, num_examples: int = 256,

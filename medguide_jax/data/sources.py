@@ -7,8 +7,10 @@ from jax.experimental import multihost_utils
 
 from medguide_jax.data import builders, mixture
 
-# Which record layout (transforms.EXAMPLE_FNS) each dataset has.
-LAYOUTS = {"synthetic_paired": "paired", "derm7pt": "paired"}
+# Which record layout (and so which decoder, data/decoders.py) each dataset has.
+LAYOUTS = {"synthetic_paired": "paired", "derm7pt": "paired", "synthetic_mammo": "mammo",
+           "nyu_mammo": "mammo", "cbis_ddsm": "mammo", "nyu_glam_sample": "mammo",
+           "nyu_bcc_sample": "mammo"}
 DEFAULT_LAYOUT = "images"  # every other dataset: one image per record (data/images.py)
 
 

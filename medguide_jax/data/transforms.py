@@ -47,5 +47,3 @@ def paired_example(record: dict, rng: np.random.Generator | None, *, image_size:
   return {"image_inferior": images[0], "image_superior": images[1],
           "labels": np.asarray(record["labels"], np.int32)}
 
-
-EXAMPLE_FNS = {"paired": paired_example}

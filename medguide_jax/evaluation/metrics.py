@@ -137,17 +137,50 @@ def bootstrap_ci(metric_fn: Callable[..., float], *arrays: np.ndarray,
   return float(lo), float(hi)
 
 
+def _ba_auc(labels: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
+  """(balanced accuracy of argmax(probs), macro OvR AUC) of one task: labels [N], probs [N, C]."""
+  return balanced_accuracy(labels, np.argmax(probs, axis=-1)), roc_auc_ovr(labels, probs)
+
+
 def _task_metrics(labels: np.ndarray, probs: Sequence[np.ndarray]) -> np.ndarray:
   """[2T + 2]: per task (balanced accuracy, AUC), then mean BA and mean AUC over tasks."""
-  per_task = []
-  for t, p in enumerate(probs):
-    per_task.append((balanced_accuracy(labels[:, t], np.argmax(p, axis=-1)),
-                     roc_auc_ovr(labels[:, t], p)))
-  per_task = np.asarray(per_task, dtype=np.float64)  # [T, 2]
+  per_task = np.asarray([_ba_auc(labels[:, t], p) for t, p in enumerate(probs)],
+                        dtype=np.float64)  # [T, 2]
   with np.errstate(all="ignore"):
     # nanmean: a task whose AUC is undefined (one class present) is left out of the mean.
     means = [np.nan if np.all(np.isnan(col)) else np.nanmean(col) for col in per_task.T]
   return np.concatenate([per_task.ravel(), means])
+
+
+def _with_intervals(keys: list[str], point: np.ndarray, metric_fn: Callable[..., Any],
+                    arrays: Sequence[np.ndarray], bootstrap: int, seed: int) -> dict[str, Any]:
+  """{key: point value} and, when bootstrap > 0, {key_ci95: [lo, hi]} from resampling rows
+  of `arrays` jointly (one index set per resample for every key)."""
+  result: dict[str, Any] = {k: float(v) for k, v in zip(keys, point)}
+  if bootstrap > 0:
+    values = _bootstrap_values(metric_fn, arrays, bootstrap, seed)  # [S, K]
+    for k, (lo, hi) in zip(keys, _percentile_interval(values, 0.05).T):
+      result[f"{k}_ci95"] = [float(lo), float(hi)]
+  return result
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray, *, bootstrap: int = 0,
+                           seed: int = 0) -> dict[str, Any]:
+  """One task: balanced accuracy and (macro OvR) AUC with bootstrap 95% CIs, and accuracy.
+
+  Args:
+    labels: [N] int labels. probs: [N, C] class probabilities.
+    bootstrap: resamples for the CIs (0: none). seed: bootstrap seed.
+
+  Returns:
+    {"balanced_accuracy", "auc", "accuracy"} and, when bootstrap > 0,
+    "balanced_accuracy_ci95" and "auc_ci95".
+  """
+  labels, probs = np.asarray(labels), np.asarray(probs)
+  result = _with_intervals(["balanced_accuracy", "auc"], np.asarray(_ba_auc(labels, probs)),
+                           _ba_auc, [labels, probs], bootstrap, seed)
+  result["accuracy"] = float(np.mean(np.argmax(probs, -1) == labels))
+  return result
 
 
 def multitask_classification_metrics(
@@ -181,12 +214,11 @@ def multitask_classification_metrics(
                      f"labels {labels.shape} and {len(probs)} arrays.")
   keys = [f"{t}/{m}" for t in task_names for m in ("balanced_accuracy", "auc")]
   keys += ["mean/balanced_accuracy", "mean/auc"]
-  point = _task_metrics(labels, probs)
-  result: dict[str, Any] = {k: float(v) for k, v in zip(keys, point)}
-  if bootstrap > 0:
-    values = _bootstrap_values(lambda y, *p: _task_metrics(y, p), [labels, *probs],
-                               bootstrap, seed)  # [S, 2T + 2]
-    intervals = _percentile_interval(values, 0.05)  # [2, 2T + 2]
-    for k, (lo, hi) in zip(keys, intervals.T):
-      result[f"{k}_ci95"] = [float(lo), float(hi)]
-  return result
+  return _with_intervals(keys, _task_metrics(labels, probs), lambda y, *p: _task_metrics(y, p),
+                         [labels, *probs], bootstrap, seed)
+
+
+def feature_std(features: np.ndarray) -> float:
+  """Mean over dimensions of the per-dimension std of features [N, F] (collapse monitor:
+  0 when every example maps to the same point)."""
+  return float(np.mean(np.std(np.asarray(features, np.float32), axis=0)))

@@ -33,6 +33,7 @@ def softmax_cross_entropy(
     labels: jnp.ndarray,
     weights: jnp.ndarray | None = None,
     class_weights: jnp.ndarray | None = None,
+    reduction: str = "mean",
 ) -> tuple[jnp.ndarray, Metrics]:
   """Weighted mean softmax cross-entropy (nats) of integer labels.
 
@@ -45,9 +46,12 @@ def softmax_cross_entropy(
     labels: [B] int class indices in [0, C) (not checked: traced values cannot be).
     weights: [B] float example weights (padding mask), or None for all ones.
     class_weights: [C] float per-class multipliers, or None for all ones.
+    reduction: 'mean' as above, or 'none' for the per-example values w_i * cw[y_i] * ce_i [B]
+      (evaluation outputs; big_vision's losses offer the same choice).
 
   Returns:
-    (loss scalar, {"ce": loss, "accuracy": w-weighted top-1 accuracy}).
+    (loss scalar, {"ce": loss, "accuracy": w-weighted top-1 accuracy}); with
+    reduction='none', (loss [B], {"correct": [B] 0/1}).
   """
   chex.assert_rank(logits, 2)
   chex.assert_rank(labels, 1)
@@ -65,11 +69,54 @@ def softmax_cross_entropy(
   true_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]  # [B]
   ce = log_z - true_logit  # [B]
   sample_w = w if class_weights is None else w * class_weights.astype(jnp.float32)[labels]
+  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)  # [B]
+  _check_reduction(reduction)
+  if reduction == "none":
+    return sample_w * ce, {"correct": correct}
   denom = jnp.sum(w)
   loss = _safe_divide(jnp.sum(sample_w * ce), denom)
-  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)  # [B]
   accuracy = _safe_divide(jnp.sum(w * correct), denom)
   return loss, {"ce": loss, "accuracy": accuracy}
+
+
+def _check_reduction(reduction: str) -> None:
+  if reduction not in ("mean", "none"):
+    raise ValueError(f"reduction={reduction!r}; valid: 'mean', 'none'")
+
+
+def binary_cross_entropy(
+    *,
+    probs: jnp.ndarray,
+    labels: jnp.ndarray,
+    weights: jnp.ndarray | None = None,
+    reduction: str = "mean",
+    eps: float = 1e-6,
+) -> jnp.ndarray:
+  """Binary cross-entropy (nats) of probabilities, mean over the C labels of an example.
+
+  For models whose outputs already are probabilities (GLAM's pooled sigmoid maps):
+  ce_i = -mean_c [y_ic log p_ic + (1 - y_ic) log(1 - p_ic)], with p clipped to
+  [eps, 1 - eps] as the reference clips before its log.
+
+  Args:
+    probs: [B, C] in [0, 1].
+    labels: [B, C] 0/1 (float or int).
+    weights: [B] example weights (padding mask), or None.
+    reduction: 'mean' (sum_i w_i ce_i / max(sum_i w_i, 1)) or 'none' (ce_i [B], unweighted).
+
+  Returns:
+    The scalar mean, or [B] with reduction='none'.
+  """
+  chex.assert_rank(probs, 2)
+  chex.assert_equal_shape([probs, labels])
+  _check_reduction(reduction)
+  p = jnp.clip(probs.astype(jnp.float32), eps, 1.0 - eps)
+  y = labels.astype(jnp.float32)
+  ce = -(y * jnp.log(p) + (1.0 - y) * jnp.log1p(-p)).mean(-1)  # [B]
+  if reduction == "none":
+    return ce
+  w = jnp.ones(ce.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
+  return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
 def multitask_cross_entropy(
@@ -79,6 +126,7 @@ def multitask_cross_entropy(
     mask: jnp.ndarray | None = None,
     class_weights: Sequence[jnp.ndarray | None] | None = None,
     task_names: Sequence[str] | None = None,
+    reduction: str = "mean",
 ) -> tuple[jnp.ndarray, Metrics]:
   """Unweighted mean over tasks of the per-task `softmax_cross_entropy`.
 
@@ -88,9 +136,11 @@ def multitask_cross_entropy(
     mask: [B] example weights (padding mask) shared by all tasks, or None.
     class_weights: None, or T entries each [C_t] (or None for that task).
     task_names: T names used in the metric keys; defaults to 'task_<t>'.
+    reduction: 'mean', or 'none' for the per-example mean over tasks [B].
 
   Returns:
-    (mean loss scalar, {"ce/<task>": ..., "accuracy/<task>": ...}).
+    (mean loss scalar, {"ce/<task>": ..., "accuracy/<task>": ...}); with reduction='none',
+    (loss [B], {}).
   """
   num_tasks = len(logits)
   chex.assert_shape(labels, (None, num_tasks))
@@ -105,11 +155,13 @@ def multitask_cross_entropy(
   for t, name in enumerate(names):
     loss_t, m_t = softmax_cross_entropy(
         logits=logits[t], labels=labels[:, t], weights=mask,
-        class_weights=None if class_weights is None else class_weights[t])
+        class_weights=None if class_weights is None else class_weights[t], reduction=reduction)
     losses.append(loss_t)
+    if reduction == "none":
+      continue
     metrics[f"ce/{name}"] = m_t["ce"]
     metrics[f"accuracy/{name}"] = m_t["accuracy"]
-  return jnp.mean(jnp.stack(losses)), metrics
+  return jnp.mean(jnp.stack(losses), axis=0), metrics
 
 
 def balanced_class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:

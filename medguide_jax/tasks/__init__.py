@@ -1,16 +1,21 @@
-"""One module per method. `get_task(config, stage, train_source)` builds the stage's task."""
+"""One module per method; each has `make_task(ctx) -> Task` for the stage in `ctx.stage`.
+
+`get_task(ctx)` finds the module of `ctx.config.method`: a method is added by a module here
+and a line in METHODS, never by a branch in the trainer.
+"""
 from __future__ import annotations
 
+import importlib
 
-def get_task(config, stage, train_source):
-  """The Task object for `stage.task` of this experiment's method (config.method)."""
-  if config.method == "guidance":
-    from medguide_jax.tasks import guidance  # pylint: disable=g-import-not-at-top
-    return guidance.GuidanceTask(config, stage, train_source)
-  if config.method == "ssl":
-    from medguide_jax.tasks import ssl  # pylint: disable=g-import-not-at-top
-    return ssl.SSLTask(config, stage, train_source)
-  if config.method == "glam":
-    from medguide_jax.tasks import glam  # pylint: disable=g-import-not-at-top
-    return glam.GlamTask(config, stage, train_source)
-  raise ValueError(f"unknown method {config.method!r}; valid: 'guidance', 'ssl', 'glam'")
+from medguide_jax.tasks.base import Task, TaskContext
+
+METHODS = {"guidance": "medguide_jax.tasks.guidance", "ssl": "medguide_jax.tasks.ssl",
+           "glam": "medguide_jax.tasks.glam"}
+
+
+def get_task(ctx: TaskContext) -> Task:
+  """The Task for `ctx.stage.task` of this experiment's method (config.method)."""
+  method = ctx.config.get("method", "")
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; valid: {sorted(METHODS)}")
+  return importlib.import_module(METHODS[method]).make_task(ctx)
