@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from medguide_jax import optim
+
 
 def _parse_value(key: str, text: str, default):
   if isinstance(default, bool):
@@ -37,19 +39,10 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def optimizer(name: str = "sgd", lr: float = 0.01, **kw) -> ml_collections.ConfigDict:
-  """An optimiser block (see medguide_jax/optim.py for every field)."""
-  block = dict(name=name, lr=lr, momentum=0.9, nesterov=True, b1=0.9, b2=0.999, eps=1e-8,
-               weight_decay=0.0, weight_decay_mask=".*", schedule="constant", warmup_steps=0,
-               # warmup_steps=-1: min(100, num_steps // 10), derived at run time
-               decay=0.0, end_lr_factor=0.0, grad_clip_norm=0.0, accumulate_steps=1,
-               trust_coefficient=0.001, warmup_start_factor=0.0,
-               # lr_base_batch > 0: lr is for that batch and scales linearly with batch_size
-               lr_base_batch=0, freeze_steps=0, freeze_steps_params="")
-  unknown = set(kw) - set(block)
-  if unknown:
-    raise ValueError(f"unknown optimizer fields: {sorted(unknown)}")
-  block.update(kw)
-  return ml_collections.ConfigDict(block)
+  """An optimiser block: every field of medguide_jax/optim.py, its defaults filled in and
+  checked there (the one source). warmup_steps=-1 means min(100, num_steps // 10), and
+  lr_base_batch > 0 scales lr linearly with batch_size; both are derived at run time."""
+  return ml_collections.ConfigDict(optim.resolve(dict(name=name, lr=lr, **kw)))
 
 
 def stage(task: str, *, num_steps: int, batch_size: int, opt: ml_collections.ConfigDict,
@@ -75,6 +68,10 @@ def stage(task: str, *, num_steps: int, batch_size: int, opt: ml_collections.Con
     freeze: regex of parameter paths that do not train (their batch statistics neither).
     train_examples: > 0 trains on that many training examples only (a fixed random subset,
       the same for every seed and stage: label-efficiency studies); 0 = all.
+    teacher_from, teacher_params: for a task with a teacher (Task.init_teacher), the stages,
+      workdirs or converted .npz files its frozen teacher is loaded from, and rules as
+      init_params' mapping them. The teacher is never trained nor checkpointed: a resume
+      reloads it and refuses a source whose content changed (W/<stage>/teacher.json).
     evals: evaluators beyond the task's own metrics, {name: {option: value}} (kNN,
       robustness, prediction files, pictures; medguide_jax/evaluation/evaluators.py).
       `--config.stages.S.evals.NAME.enabled=False` turns one off.
@@ -82,7 +79,8 @@ def stage(task: str, *, num_steps: int, batch_size: int, opt: ml_collections.Con
   block = dict(task=task, num_steps=num_steps, batch_size=batch_size, opt=opt,
                eval_batch_size=128, log_every=-1, eval_every=-1, checkpoint_every=-1,
                keep_checkpoints=2, select="", patience=0, init_from="", init_params="",
-               freeze="", bootstrap=1000, train_examples=0, evals={})
+               freeze="", bootstrap=1000, train_examples=0, evals={}, teacher_from="",
+               teacher_params="")
   unknown = set(kw) - set(block)
   if unknown:
     raise ValueError(f"unknown stage fields: {sorted(unknown)}")

@@ -17,6 +17,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from medguide_jax import paths
+
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint whose parameters do not fit the current config."""
@@ -46,9 +48,8 @@ class Checkpointer:
   def check_fits(self, step: int, abstract_state) -> None:
     """Raises CheckpointMismatchError naming every leaf whose shape or presence differs."""
     stored = self._manager.item_metadata(step)["state"]
-    stored = {_path(p): tuple(getattr(m, "shape", ()) or ())
-              for p, m in jax.tree_util.tree_leaves_with_path(stored)}
-    wanted = {_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract_state)}
+    stored = {k: tuple(getattr(m, "shape", ()) or ()) for k, m in paths.flatten(stored).items()}
+    wanted = {k: tuple(x.shape) for k, x in paths.flatten(abstract_state).items()}
     problems = [f"{k}: checkpoint {stored.get(k, 'missing')} vs config {v}"
                 for k, v in wanted.items() if stored.get(k) != v]
     problems += [f"{k}: in checkpoint, not in config" for k in stored if k not in wanted]
@@ -93,10 +94,6 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
-
-
-def _path(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def save_variables(path: str | epath.Path, variables) -> None:

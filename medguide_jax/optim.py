@@ -38,7 +38,6 @@ update and the schedule counts updates.
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -46,11 +45,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from medguide_jax import paths
+
 OPTIMIZERS = ('sgd', 'adam', 'adamw', 'lars')
 SCHEDULES = ('constant', 'cosine', 'keras_decay')
 
 _REQUIRED = ('name', 'lr')
-_DEFAULTS = {
+DEFAULTS = {
     'momentum': 0.9,
     'nesterov': True,
     'b1': 0.9,
@@ -82,32 +83,14 @@ PyTree = Any
 # ---------------------------------------------------------------------------
 
 
-def _key_str(key: Any) -> str:
-  """One path entry as text: a dict key (flax params), else an attribute or index."""
-  if isinstance(key, jax.tree_util.DictKey):
-    return str(key.key)
-  if isinstance(key, jax.tree_util.GetAttrKey):
-    return key.name
-  if isinstance(key, jax.tree_util.SequenceKey):
-    return str(key.idx)
-  return str(getattr(key, 'key', key))
-
-
-def _path_str(path: tuple[Any, ...]) -> str:
-  return '/'.join(_key_str(k) for k in path)
-
-
 def param_paths(params: PyTree) -> list[str]:
   """The '/'-joined path of every leaf of `params`, in `jax.tree` leaf order."""
-  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-  return [_path_str(path) for path, _ in leaves]
+  return paths.paths(params)
 
 
 def regex_mask(params: PyTree, regex: str) -> PyTree:
   """A tree like `params` with True where the leaf's path fully matches `regex`."""
-  pattern = re.compile(regex)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: pattern.fullmatch(_path_str(path)) is not None, params)
+  return paths.fullmatch_mask(params, regex)
 
 
 def count_params(params: PyTree) -> int:
@@ -117,11 +100,7 @@ def count_params(params: PyTree) -> int:
 
 def _check_matches(params: PyTree, regex: str, what: str) -> None:
   """Raises ValueError when `regex` fully matches no path of `params`."""
-  if not any(jax.tree.leaves(regex_mask(params, regex))):
-    examples = ', '.join(param_paths(params)[:5])
-    raise ValueError(
-        f'{what} regex {regex!r} matches no parameter path (paths look like: '
-        f'{examples}, ...).')
+  paths.check_matches(param_paths(params), regex, what)
 
 
 # ---------------------------------------------------------------------------
@@ -129,17 +108,17 @@ def _check_matches(params: PyTree, regex: str, what: str) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _resolve(opt: Mapping[str, Any]) -> dict[str, Any]:
+def resolve(opt: Mapping[str, Any]) -> dict[str, Any]:
   """The config block as a plain dict with defaults filled in, validated."""
   given = dict(opt.items())
-  unknown = sorted(set(given) - set(_DEFAULTS) - set(_REQUIRED))
+  unknown = sorted(set(given) - set(DEFAULTS) - set(_REQUIRED))
   if unknown:
     raise ValueError(f'Unknown opt config keys {unknown}; known keys: '
-                     f'{sorted(_REQUIRED + tuple(_DEFAULTS))}.')
+                     f'{sorted(_REQUIRED + tuple(DEFAULTS))}.')
   missing = [k for k in _REQUIRED if given.get(k) is None]
   if missing:
     raise ValueError(f'opt config lacks required keys {missing}.')
-  cfg = {**_DEFAULTS, **given}
+  cfg = {**DEFAULTS, **given}
   if cfg['name'] not in OPTIMIZERS:
     raise ValueError(
         f'Unknown optimizer {cfg["name"]!r}; valid names: {OPTIMIZERS}.')
@@ -195,7 +174,7 @@ def make_schedule(opt: Mapping[str, Any], num_steps: int) -> optax.Schedule:
   Returns:
     An optax schedule (step -> learning rate).
   """
-  cfg = _resolve(opt)
+  cfg = resolve(opt)
   warmup = int(cfg['warmup_steps'])
   if not 0 <= warmup <= num_steps:
     raise ValueError(
@@ -309,6 +288,7 @@ def make_optimizer(
     params: PyTree,
     *,
     freeze: str = '',
+    schedule: optax.Schedule | None = None,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Builds the optimiser described by the `opt` config block.
 
@@ -319,6 +299,8 @@ def make_optimizer(
       and to check the regexes.
     freeze: regex over '/'-joined parameter paths; matching parameters get zero
       updates and no optimiser state. '' freezes nothing.
+    schedule: the `make_schedule(opt, num_steps)` the caller already built (the trainer
+      builds one per stage), or None to build it here.
 
   Returns:
     (tx, schedule); `tx.update` is called once per optimiser update.
@@ -327,8 +309,8 @@ def make_optimizer(
     ValueError: unknown optimiser, schedule or config key, or a `freeze` (or, with
       weight decay on, `weight_decay_mask`) regex that matches no parameter.
   """
-  cfg = _resolve(opt)
-  schedule = make_schedule(cfg, num_steps)
+  cfg = resolve(opt)
+  schedule = schedule or make_schedule(cfg, num_steps)
   if float(cfg['weight_decay']):
     _check_matches(params, cfg['weight_decay_mask'], 'opt.weight_decay_mask')
   tx = _base_chain(cfg, schedule)

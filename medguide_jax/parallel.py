@@ -15,6 +15,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from medguide_jax import paths
+
 DATA_AXIS = "data"
 
 
@@ -76,18 +78,36 @@ def _fsdp_spec(shape: tuple[int, ...], n: int, min_size_mb: float, itemsize: int
   return P()
 
 
-def param_shardings(mesh: Mesh, tree, fsdp_rules: str = "", min_size_mb: float = 4.0):
-  """Shardings for a pytree of arrays or ShapeDtypeStructs (params or optimiser state).
+def _param_path(path: str, names: set[str] | None) -> str:
+  """The parameter path a leaf of a bigger tree stands for: the longest suffix of its path
+  that is a name in `names` ('opt_state/0/mu/enc/conv/kernel' -> 'enc/conv/kernel'), or
+  the whole path without `names`; '' for leaves that mirror no parameter (step counters)."""
+  if names is None:
+    return path
+  parts = path.split("/")
+  return next(("/".join(parts[i:]) for i in range(len(parts)) if "/".join(parts[i:]) in names),
+              "")
 
-  Leaves whose '/'-joined path matches the regex `fsdp_rules` are sharded over 'data'
-  on their largest divisible dimension; everything else is replicated.
+
+def param_shardings(mesh: Mesh, tree, fsdp_rules: str = "", min_size_mb: float = 4.0, *,
+                    param_paths: list[str] | None = None):
+  """Shardings for a pytree of arrays or ShapeDtypeStructs (params, optimiser state, a
+  whole TrainState).
+
+  A leaf whose parameter path (see `_param_path`; `param_paths` names the parameters when
+  the tree is more than a parameter tree) fully matches the regex `fsdp_rules` is sharded
+  over 'data' on its largest divisible dimension; everything else is replicated. A rule
+  that matches no parameter is a ValueError showing real paths.
   """
-  pattern = re.compile(fsdp_rules) if fsdp_rules else None
   n = mesh.devices.size
+  names = None if param_paths is None else set(param_paths)
+  if fsdp_rules:
+    paths.check_matches(param_paths or paths.paths(tree), fsdp_rules, "mesh.fsdp_rules")
+  pattern = re.compile(fsdp_rules) if fsdp_rules else None
 
   def rule(path, leaf):
-    name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-    if pattern is None or not hasattr(leaf, "shape") or not pattern.search(name):
+    name = _param_path(paths.path_str(path), names)
+    if pattern is None or not name or not hasattr(leaf, "shape") or not pattern.fullmatch(name):
       return replicated(mesh)
     return NamedSharding(mesh, _fsdp_spec(tuple(leaf.shape), n, min_size_mb,
                                           np.dtype(leaf.dtype).itemsize))

@@ -25,7 +25,6 @@ stage that is in no table; duplicate seeds across workdirs are warned about on s
 from __future__ import annotations
 
 import html
-import json
 import math
 import os
 import sys

@@ -20,7 +20,6 @@ import json
 import math
 import sys
 
-import numpy as np
 from absl import app, flags
 from etils import epath
 

@@ -8,11 +8,12 @@ what to minimise and how to evaluate.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
 import signal
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -24,7 +25,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from medguide_jax import checkpointing, metric_writers, optim, parallel, run_info, tasks
+from medguide_jax import checkpointing, metric_writers, optim, parallel, paths, run_info, tasks
 from medguide_jax.data import builders, mixture, pipeline, sources
 from medguide_jax.evaluation import evaluators as evaluators_lib
 
@@ -49,7 +50,9 @@ class TrainState:
   """Everything that changes during training; one pytree, checkpointed whole."""
   step: jax.Array
   params: Any
-  model_state: Any            # batch statistics and other non-trained collections
+  model_state: Any            # batch statistics and other collections the model mutates
+  extra: Any                  # the task's non-parameter training state (queues, counters)
+  teacher: Any                # frozen teacher variables: never trained, never checkpointed
   opt_state: Any
   best: Any                   # {'params', 'model_state'} at the best validation score
   best_score: jax.Array       # +inf when lower is better and nothing was evaluated yet
@@ -77,34 +80,48 @@ def _select(ok, new, old):
   return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
-def make_train_step(task, tx, *, seed: int, accumulate: int, frozen_state_mask):
+def micro_batches(batch: dict, accumulate: int) -> dict:
+  """[B, ...] -> [accumulate, B / accumulate, ...], strided: micro-batch i holds rows
+  i, i + accumulate, ... A batch sharded over the devices in contiguous blocks stays
+  sharded the same way inside every micro-batch (each device keeps its own rows), so XLA
+  needs no all-gather; the contiguous split would put each micro-batch on a subset of the
+  devices."""
+  return jax.tree.map(
+      lambda x: x.reshape((-1, accumulate) + x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def _grads(task, params, state: tasks.LossState, batch, rng, accumulate: int):
+  """((loss, (metrics, new LossState)), gradients) over the global batch; with accumulate
+  > 1, the mean over micro-batches in a scan (same update, less memory)."""
+  grad_fn = jax.value_and_grad(task.loss, has_aux=True)
+  if accumulate == 1:
+    return grad_fn(params, state, batch, rng)
+  micro = micro_batches(batch, accumulate)
+
+  def body(carry, xs):
+    (loss, metrics), st, g = carry
+    mb, i = xs
+    # Each micro-batch draws its own dropout masks.
+    (l, (m, st)), gi = grad_fn(params, st, mb, jax.random.fold_in(rng, i))
+    add = lambda a, b: a + b / accumulate
+    return ((add(loss, l), jax.tree.map(add, metrics, m)), st, jax.tree.map(add, g, gi)), None
+
+  zeros = lambda t: jax.tree.map(jnp.zeros_like, t)
+  (l0, (m0, _)), _ = jax.eval_shape(grad_fn, params, state,
+                                    jax.tree.map(lambda x: x[0], micro), rng)
+  init = ((jnp.zeros((), l0.dtype), zeros(m0)), state, zeros(params))
+  ((loss, metrics), state, grads), _ = jax.lax.scan(body, init, (micro, jnp.arange(accumulate)))
+  return (loss, (metrics, state)), grads
+
+
+def make_train_step(task, tx, schedule, *, seed: int, accumulate: int, frozen_state_mask):
   """The jitted-to-be update: gradients over the global batch, optax, NaN guard.
 
-  With `accumulate` > 1 the global batch is split into that many micro-batches whose
-  gradients are averaged in a scan (same update, less memory). A step whose loss or
-  gradient is non-finite leaves the state unchanged and records its number in bad_step.
+  A step whose loss or gradient is non-finite leaves the state unchanged and records its
+  number in bad_step. Besides the task's metrics it reports the loss, the learning rate
+  the schedule gives this update, and the global L2 norms of the gradient, the update and
+  the parameters (as big_vision logs them).
   """
-  def grads_of(params, model_state, batch, rng, step):
-    grad_fn = jax.value_and_grad(functools.partial(task.loss, step=step), has_aux=True)
-    if accumulate == 1:
-      return grad_fn(params, model_state, batch, rng)
-    micro = jax.tree.map(lambda x: x.reshape((accumulate, -1) + x.shape[1:]), batch)
-
-    def body(carry, xs):
-      (loss, metrics), ms, g = carry
-      mb, i = xs
-      # Each micro-batch draws its own dropout masks.
-      (l, (m, ms)), gi = grad_fn(params, ms, mb, jax.random.fold_in(rng, i))
-      add = lambda a, b: a + b / accumulate
-      return ((add(loss, l), jax.tree.map(add, metrics, m)), ms, jax.tree.map(add, g, gi)), None
-
-    zeros = lambda t: jax.tree.map(jnp.zeros_like, t)
-    (l0, (m0, _)), _ = jax.eval_shape(grad_fn, params, model_state,
-                                      jax.tree.map(lambda x: x[0], micro), rng)
-    init = ((jnp.zeros((), l0.dtype), zeros(m0)), model_state, zeros(params))
-    ((loss, metrics), ms, grads), _ = jax.lax.scan(body, init, (micro, jnp.arange(accumulate)))
-    return (loss, (metrics, ms)), grads
-
   prepare = task.prepare_params
 
   def step(state: TrainState, batch: dict):
@@ -112,20 +129,24 @@ def make_train_step(task, tx, *, seed: int, accumulate: int, frozen_state_mask):
     # A parameter transform before the forward pass (SwAV: prototypes re-normalised); the
     # gradient is taken at, and the update applied to, the transformed parameters.
     state = state.replace(params=prepare(state.params))
-    (loss, (metrics, model_state)), grads = grads_of(state.params, state.model_state, batch, rng,
-                                                     state.step)
+    inputs = tasks.LossState(step=state.step, model_state=state.model_state, extra=state.extra,
+                             teacher=state.teacher)
+    (loss, (metrics, out)), grads = _grads(task, state.params, inputs, batch, rng, accumulate)
     # Frozen modules keep their batch statistics (the mask is static: plain bools).
     model_state = jax.tree.map(lambda frozen, old, new: old if frozen else new,
-                               frozen_state_mask, state.model_state, model_state)
+                               frozen_state_mask, state.model_state, out.model_state)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = prepare(optax.apply_updates(state.params, updates))  # stored as used
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.bad_step < 0)
-    new = state.replace(step=state.step + 1, params=params, model_state=model_state,
-                        opt_state=opt_state)
-    new = _select(ok, new, state.replace(step=state.step + 1))
-    new = new.replace(bad_step=jnp.where(ok | (state.bad_step >= 0), state.bad_step, state.step))
-    return new, {"loss": loss, "grad_norm": grad_norm, **metrics}
+    changed = _select(ok, (params, model_state, out.extra, opt_state),
+                      (state.params, state.model_state, state.extra, state.opt_state))
+    new = state.replace(step=state.step + 1, params=changed[0], model_state=changed[1],
+                        extra=changed[2], opt_state=changed[3],
+                        bad_step=jnp.where(ok | (state.bad_step >= 0), state.bad_step,
+                                           state.step))
+    return new, {"loss": loss, "grad_norm": grad_norm, "update_norm": optax.tree.norm(updates),
+                 "param_norm": optax.tree.norm(params), "lr": schedule(state.step), **metrics}
 
   return step
 
@@ -205,10 +226,6 @@ def init_rules(init_params: str) -> list[tuple[str, re.Pattern, str | None]]:
   return rules
 
 
-def _flat_variables(tree) -> dict[str, Any]:
-  return {checkpointing._path(p): v for p, v in jax.tree_util.tree_leaves_with_path(tree)}  # pylint: disable=protected-access
-
-
 def _init_source(key: str, rules, stored: dict[str, dict]) -> tuple[int, str, str] | None:
   """(rule index, source name, source key) for a target key '<collection>/<path>': the first
   rule whose regex fullmatches the path and whose source path exists in some init_from."""
@@ -224,27 +241,40 @@ def _init_source(key: str, rules, stored: dict[str, dict]) -> tuple[int, str, st
   return None
 
 
-def _load_init(variables: dict, stage, workdir: epath.Path) -> dict:
-  """Overwrites leaves of `variables` with those of the init_from stages, mapped by the
-  init_params rules (first rule, then first source, wins). A rule that loads nothing is an
-  error listing the paths the sources have."""
-  stored = {source: _flat_variables(checkpointing.load_variables(
-                _source_stage_dir(workdir, source) / "variables"))
-            for source in filter(None, (s.strip() for s in stage.init_from.split(",")))}
-  rules = init_rules(stage.init_params)
-  used, rules_used = [], set()
+def _read_sources(workdir: epath.Path, spec: str, what: str) -> dict[str, dict[str, Any]]:
+  """{source: {'<collection>/<path>': array}} of a comma-separated init_from / teacher_from:
+  finished stages (their saved variables) or .npz files of '/'-joined keys (converted
+  checkpoints)."""
+  out = {}
+  for source in filter(None, (x.strip() for x in spec.split(","))):
+    if source.endswith(".npz"):
+      if not epath.Path(source).exists():
+        raise ConfigError(f"{what} {source!r}: no such file")
+      with np.load(source) as f:
+        out[source] = {k: f[k] for k in f.files}
+    else:
+      out[source] = paths.flatten(checkpointing.load_variables(
+          _source_stage_dir(workdir, source) / "variables"))
+  return out
+
+
+def _map_from(variables: dict, stored: dict, rules, what: str) -> tuple[dict, set[str]]:
+  """`variables` with each leaf some rule maps to a stored array replaced by it (first rule,
+  then first source, wins); also the keys that were replaced. A rule that loads nothing is
+  an error listing the modules the sources hold."""
+  used, rules_used = set(), set()
 
   def take(path, leaf):
-    key = checkpointing._path(path)  # pylint: disable=protected-access
+    key = paths.path_str(path)
     found = _init_source(key, rules, stored)
     if found is None:
       return leaf
     r, source, source_key = found
     value = stored[source][source_key]
-    if value.shape != leaf.shape:
-      raise ConfigError(f"init_from {source!r}: {source_key} has shape {value.shape}, "
+    if tuple(value.shape) != tuple(leaf.shape):
+      raise ConfigError(f"{what} {source!r}: {source_key} has shape {value.shape}, "
                         f"the config's {key} wants {leaf.shape}")
-    used.append(key)
+    used.add(key)
     rules_used.add(r)
     return jnp.asarray(value, leaf.dtype)
 
@@ -252,11 +282,63 @@ def _load_init(variables: dict, stage, workdir: epath.Path) -> dict:
   unused = [text for r, (text, _, _) in enumerate(rules) if r not in rules_used]
   if unused:
     have = sorted({k.partition("/")[2].rsplit("/", 1)[0] for f in stored.values() for k in f})
-    raise ConfigError(f"init_from {stage.init_from!r}: init_params rule(s) {unused} loaded no "
-                      f"parameter of this stage; the sources hold modules {have[:40]}"
-                      f"{' ...' if len(have) > 40 else ''}")
+    raise ConfigError(f"{what}: rule(s) {unused} loaded no parameter of this stage; the "
+                      f"sources hold modules {have[:40]}{' ...' if len(have) > 40 else ''}")
+  return out, used
+
+
+def _load_init(variables: dict, stage, workdir: epath.Path) -> dict:
+  """Overwrites leaves of `variables` with those of the init_from stages, mapped by the
+  init_params rules."""
+  stored = _read_sources(workdir, stage.init_from, "init_from")
+  out, used = _map_from(variables, stored, init_rules(stage.init_params),
+                        f"init_from {stage.init_from!r}: init_params")
   logging.info("init_from %s: %d arrays loaded", stage.init_from, len(used))
   return out
+
+
+def content_hash(flat: dict[str, Any]) -> str:
+  """sha256 over a flat {key: array} mapping (keys, dtypes, shapes and bytes, in key order)."""
+  digest = hashlib.sha256()
+  for key in sorted(flat):
+    value = np.ascontiguousarray(flat[key])
+    digest.update(f"{key}|{value.dtype.str}|{value.shape}|".encode())
+    digest.update(value.tobytes())
+  return digest.hexdigest()
+
+
+def _check_teacher_record(setup, hashes: dict[str, str]) -> None:
+  """W/<stage>/teacher.json records the teacher sources' content hashes at first load; a
+  later load (a resume) must find the same content."""
+  record = setup.dir / "teacher.json"
+  if record.exists():
+    old = metric_writers.read_json(record)["sha256"]
+    changed = sorted(k for k in set(old) | set(hashes) if old.get(k) != hashes.get(k))
+    if changed:
+      raise ConfigError(f"stages.{setup.name}.teacher_from: the content of {changed} changed "
+                        f"since this stage first loaded it (recorded in {record}); resuming "
+                        "would train against another teacher. Restore the source, or use a "
+                        "new workdir.")
+  elif metric_writers.is_writer():
+    setup.dir.mkdir(parents=True, exist_ok=True)
+    metric_writers.write_json_atomic(record, {"teacher_from": setup.stage.teacher_from,
+                                              "sha256": hashes})
+
+
+def _load_teacher(setup, spec, workdir: epath.Path) -> dict:
+  """The frozen teacher: every leaf of the task's teacher structure from `teacher_from`,
+  mapped by `teacher_params` (init_params' syntax), sharded like the parameters."""
+  stage = setup.stage
+  stored = _read_sources(workdir, stage.teacher_from, "teacher_from")
+  _check_teacher_record(setup, {k: content_hash(v) for k, v in stored.items()})
+  what = f"teacher_from {stage.teacher_from!r}: teacher_params"
+  teacher, used = _map_from(spec.abstract.teacher, stored,
+                            init_rules(stage.get("teacher_params", "")), what)
+  missing = [k for k in paths.paths(spec.abstract.teacher) if k not in used]
+  if missing:
+    raise ConfigError(f"{what} left teacher variables unloaded: {paths.examples(missing)}")
+  logging.info("[%s] teacher from %s: %d arrays", setup.name, stage.teacher_from, len(used))
+  return jax.device_put(teacher, spec.shardings.teacher)
 
 
 def resolve_stage(stage: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -306,7 +388,7 @@ class StageSetup:
       raise ConfigError(f"stages.{name}: the per-device batch {stage.batch_size // jax.device_count()}"
                         f" is not divisible by opt.accumulate_steps={stage.opt.accumulate_steps}")
     try:  # schedule errors surface now, before any stage has written anything
-      optim.make_schedule(stage.opt, stage.num_steps)
+      self.schedule = optim.make_schedule(stage.opt, stage.num_steps)  # the stage's one
     except ValueError as e:
       raise ConfigError(f"stages.{name}.opt: {e}") from e
     self.sources = data_sources or open_sources(config)
@@ -350,6 +432,11 @@ class StageSetup:
                           f"evaluations during training{hint}; they have {sorted(training)}")
     return keys
 
+  @functools.cached_property
+  def state_spec(self) -> "StateSpec":
+    """The stage's abstract TrainState, shardings, initialiser and optimiser, built once."""
+    return init_state(self, _example_batch(self.dataset("train", train=True)))
+
   @functools.cache
   def predict_fn(self, fn=None):
     """`fn(variables, batch)` (default: the task's predict) after the task's parameter
@@ -377,57 +464,85 @@ def init_key(seed: int) -> jax.Array:
   return jax.random.key(seed, impl="rbg")
 
 
-def init_state(setup: StageSetup, example: dict):
-  """(abstract TrainState, its shardings, a function making the initial TrainState, tx)."""
+class StateSpec(NamedTuple):
+  abstract: TrainState    # ShapeDtypeStructs with shardings
+  shardings: TrainState
+  fresh: Any              # rng -> the initial TrainState (teacher: the task's placeholder)
+  tx: optax.GradientTransformation
+
+
+def _checkpointed(state: TrainState) -> TrainState:
+  """What a checkpoint holds: everything but the teacher (reloaded from its source)."""
+  return state.replace(teacher={})
+
+
+def init_state(setup: StageSetup, example: dict) -> StateSpec:
+  """The stage's StateSpec from one host batch (for shapes)."""
   stage, task, mesh = setup.stage, setup.task, setup.mesh
   abstract_batch = _abstract_global(example, stage.batch_size, mesh)
   abstract_vars = jax.eval_shape(task.init, init_key(setup.config.seed), abstract_batch)
-  params_shape = abstract_vars["params"]
+  teacher = jax.eval_shape(task.init_teacher, init_key(0), abstract_batch)
+  if (teacher is None) == bool(stage.get("teacher_from")):
+    raise ConfigError(f"stages.{setup.name}.teacher_from={stage.get('teacher_from')!r}: "
+                      + ("task %r has no teacher" % stage.task if teacher is None else
+                         "task %r needs a teacher: name the stage or file to load it from"
+                         % stage.task))
   try:
-    tx, _ = optim.make_optimizer(stage.opt, stage.num_steps, params_shape, freeze=stage.freeze)
+    tx, _ = optim.make_optimizer(stage.opt, stage.num_steps, abstract_vars["params"],
+                                 freeze=stage.freeze, schedule=setup.schedule)
   except ValueError as e:
     raise ConfigError(f"stages.{setup.name}: {e}") from e
   lower_better = stage.select.startswith("min:")
 
   def fresh(rng):
-    variables = task.init(rng, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_batch))
+    batch = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_batch)
+    variables = task.init(rng, batch)
     params = variables.pop("params")
     keep = {"params": params, "model_state": variables} if stage.select else {}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
+                      extra=task.init_extra(), teacher=task.init_teacher(rng, batch) or {},
                       opt_state=tx.init(params), best=keep,
                       best_score=jnp.asarray(np.inf if lower_better else -np.inf, jnp.float32),
                       best_step=jnp.zeros((), jnp.int32), evals_since_best=jnp.zeros((), jnp.int32),
                       bad_step=-jnp.ones((), jnp.int32))
 
   abstract = jax.eval_shape(fresh, init_key(0))
-  shardings = parallel.param_shardings(mesh, abstract, setup.config.mesh.fsdp_rules,
-                                       setup.config.mesh.min_fsdp_size_mb)
+  names = paths.paths(abstract.params) + [
+      k.partition("/")[2] for k in paths.paths(abstract.teacher)]  # FSDP rules see both
+  try:
+    shardings = parallel.param_shardings(mesh, abstract, setup.config.mesh.fsdp_rules,
+                                         setup.config.mesh.min_fsdp_size_mb, param_paths=names)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
-  return abstract, shardings, fresh, tx
+  return StateSpec(abstract, shardings, fresh, tx)
 
 
-def _restore_or_init(setup: StageSetup, ckpt: checkpointing.Checkpointer, data_iter, abstract,
-                     shardings, fresh, workdir: epath.Path):
-  """Restore order: this stage's checkpoint, config.resume, init_from, scratch."""
-  step, state = ckpt.restore_latest(abstract, data_iter)
+def _restore_or_init(setup: StageSetup, ckpt: checkpointing.Checkpointer, data_iter,
+                     spec: StateSpec, workdir: epath.Path) -> TrainState:
+  """Restore order: this stage's checkpoint, config.resume, init_from, scratch. The teacher
+  is loaded from `teacher_from` in every case (checkpoints do not hold it)."""
+  teacher = _load_teacher(setup, spec, workdir) if setup.stage.get("teacher_from") else {}
+  step, state = ckpt.restore_latest(_checkpointed(spec.abstract), data_iter)
   if state is not None:
     logging.info("[%s] resumed from %s at step %d", setup.name, ckpt.directory, step)
-    return state
+    return state.replace(teacher=teacher)
   if setup.config.resume:
     other = checkpointing.Checkpointer(epath.Path(setup.config.resume) / setup.name / "checkpoints")
-    step, state = other.restore_latest(abstract, data_iter)
+    step, state = other.restore_latest(_checkpointed(spec.abstract), data_iter)
     if state is None:
       raise ConfigError(f"config.resume={setup.config.resume!r} has no checkpoint for stage "
                         f"{setup.name!r}")
     logging.info("[%s] resumed from %s at step %d", setup.name, other.directory, step)
-    return state
-  state = jax.jit(fresh, out_shardings=shardings)(init_key(setup.config.seed))
+    return state.replace(teacher=teacher)
+  state = jax.jit(spec.fresh, out_shardings=spec.shardings)(init_key(setup.config.seed))
+  state = state.replace(teacher=teacher)
   if setup.stage.init_from:
     variables = _load_init({"params": state.params, **state.model_state}, setup.stage, workdir)
     params = variables.pop("params")
     # Optimiser slots (momenta) start at zero whatever the parameters, so opt_state stays.
-    state = jax.device_put(state.replace(params=params, model_state=variables), shardings)
+    state = jax.device_put(state.replace(params=params, model_state=variables), spec.shardings)
   if setup.stage.select:
     # Own buffers for `best`: the step donates params, and a donated buffer may appear once.
     state = state.replace(best=_copy({"params": state.params, "model_state": state.model_state}))
@@ -530,7 +645,7 @@ def _every(n: int, step: int, last: int) -> bool:
 
 def jit_train_step(setup: StageSetup, tx, shardings, model_state):
   """The stage's step, jitted with explicit shardings; the state is donated."""
-  step = make_train_step(setup.task, tx, seed=setup.config.seed,
+  step = make_train_step(setup.task, tx, setup.schedule, seed=setup.config.seed,
                          accumulate=setup.stage.opt.accumulate_steps,
                          frozen_state_mask=_frozen_state_mask(model_state, setup.stage.freeze))
   return jax.jit(step, in_shardings=(shardings, parallel.batch_sharding(setup.mesh)),
@@ -542,10 +657,11 @@ def train_stage(setup: StageSetup, workdir: epath.Path) -> TrainState:
   stage, name = setup.stage, setup.name
   train_ds = setup.dataset("train", train=True)
   data_iter = iter(train_ds)
-  abstract, shardings, fresh, tx = init_state(setup, _example_batch(train_ds))
+  spec = setup.state_spec
+  shardings = spec.shardings
   ckpt = checkpointing.Checkpointer(setup.dir / "checkpoints", keep=stage.keep_checkpoints)
-  state = _restore_or_init(setup, ckpt, data_iter, abstract, shardings, fresh, workdir)
-  step_fn = jit_train_step(setup, tx, shardings, state.model_state)
+  state = _restore_or_init(setup, ckpt, data_iter, spec, workdir)
+  step_fn = jit_train_step(setup, spec.tx, shardings, state.model_state)
   first = int(state.step)
   writer = metric_writers.MetricWriter(setup.dir, resume_step=first)
   progress = metric_writers.Progress(stage.num_steps, first, name)
@@ -574,7 +690,7 @@ def train_stage(setup: StageSetup, workdir: epath.Path) -> TrainState:
     preempted = _preempted(step)
     if _every(stage.checkpoint_every, step, last) or preempted or stopped_early:
       _check_finite(setup, state)
-      ckpt.save(step, state, data_iter)
+      ckpt.save(step, _checkpointed(state), data_iter)
     if preempted:
       ckpt.wait()
       raise Preempted(f"[{name}] preempted; checkpoint saved at step {step}")
@@ -594,7 +710,8 @@ def finish_stage(setup: StageSetup, state: TrainState) -> dict:
   which = "best" if setup.stage.select else "last"
   variables = _variables(state, which)
   step = int(state.best_step) if which == "best" else int(state.step)
-  checkpointing.save_variables(setup.dir / "variables", variables)
+  # The task's extra state (SwAV's queue) is exported beside the collections, as it ended.
+  checkpointing.save_variables(setup.dir / "variables", {**variables, **state.extra})
   metrics = {}
   for split in EVAL_SPLITS:
     result = evaluate_split(setup, variables, split, bootstrap=setup.stage.bootstrap)
@@ -647,14 +764,15 @@ def _check_finished(setup: StageSetup, config) -> bool:
   return True
 
 
-def _check_checkpoint_fits(setup: StageSetup) -> None:
-  """A stage checkpoint that does not fit the config is an error before anything is written."""
+def _check_state(setup: StageSetup) -> None:
+  """The stage's state is buildable (optimiser regexes, teacher, FSDP rules) and a stage
+  checkpoint that does not fit the config is an error, before anything is written."""
   ckpt_dir = setup.dir / "checkpoints"
+  abstract = _checkpointed(setup.state_spec.abstract)  # built (and cached) now
   if not ckpt_dir.exists():
     return
   ckpt = checkpointing.Checkpointer(ckpt_dir, keep=setup.stage.keep_checkpoints)
   if ckpt.steps():
-    abstract, *_ = init_state(setup, _example_batch(setup.dataset("train", train=True)))
     try:
       ckpt.check_fits(ckpt.steps()[-1], abstract)
     except checkpointing.CheckpointMismatchError:
@@ -665,7 +783,9 @@ def _check_checkpoint_fits(setup: StageSetup) -> None:
 
 
 def _dependencies(config, name: str) -> set[str]:
-  return {s.strip() for s in config.stages[name].init_from.split(",")} & set(config.stages)
+  stage = config.stages[name]
+  sources = f"{stage.init_from},{stage.get('teacher_from', '')}"
+  return {s.strip() for s in sources.split(",")} & set(config.stages)
 
 
 def stage_order(config) -> list[str]:
@@ -708,7 +828,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   finished = {s.name: _check_finished(s, config) for s in setups}
   for setup in setups:
     if not finished[setup.name]:
-      _check_checkpoint_fits(setup)
+      _check_state(setup)
   if metric_writers.is_writer():
     workdir.mkdir(parents=True, exist_ok=True)
     metric_writers.write_json_atomic(workdir / "config.json", config.to_dict())

@@ -229,10 +229,15 @@ def test_hue_shift_matches_colorsys():
 
 def test_blur_matches_scipy_gaussian_filter():
   x = np.random.default_rng(0).random((20, 24, 3)).astype(np.float32)
-  got = mc._gaussian_blur(x, 1.0)  # pylint: disable=protected-access
+  got = images.gaussian_blur(x, 1.0, border="reflect")
   want = ndimage.gaussian_filter(x.astype(np.float64), (1.0, 1.0, 0), mode="mirror",
                                  truncate=3.0)
   np.testing.assert_allclose(got, want, atol=1e-5)
+  # The synthetic generators' border: edge values repeated (scipy's 'nearest').
+  y = np.random.default_rng(1).random((16, 12))
+  np.testing.assert_allclose(images.gaussian_blur(y, 1.5, border="edge"),
+                             ndimage.gaussian_filter(y, 1.5, mode="nearest", truncate=3.0),
+                             atol=1e-12)
 
 
 def test_rotation_is_pillows_counter_clockwise_rotate():

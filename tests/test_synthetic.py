@@ -9,7 +9,7 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from medguide_jax.data import builders
+from medguide_jax.data import builders, images
 from medguide_jax.data import paired
 from medguide_jax.data import synthetic
 
@@ -22,7 +22,7 @@ def test_same_case_gives_same_pixels_and_bytes():
   for a, b in zip(first, second):
     np.testing.assert_array_equal(a, b)
   for a, b in zip(first[1:], second[1:]):
-    assert synthetic.encode_png(a) == synthetic.encode_png(b)
+    assert images.encode_png(a) == images.encode_png(b)
   other = synthetic.generate_case(0, 1, 8)
   assert not np.array_equal(first[2], other[2])
 

@@ -104,8 +104,9 @@ def test_single_task_loss_matches_numpy_and_ignores_unlabelled_rows():
   label = np.array([0, 2, -1, 1, 2], np.int32)
   mask = np.array([1, 1, 1, 1, 0], np.float32)  # the last row is padding
   variables = task.init(jax.random.key(0), {"x": x, "label": label})
-  loss, (metrics, _) = task.loss(variables["params"], {}, {"x": x, "label": label,
-                                                           "mask": mask}, jax.random.key(1))
+  state = base.LossState(step=jnp.zeros((), jnp.int32), model_state={}, extra={}, teacher={})
+  loss, (metrics, _) = task.loss(variables["params"], state, {"x": x, "label": label,
+                                                              "mask": mask}, jax.random.key(1))
   logits = x @ np.asarray(variables["params"]["Dense_0"]["kernel"])
   expect = _np_ce(logits[[0, 1, 3]], label[[0, 1, 3]]).mean()
   np.testing.assert_allclose(loss, expect, rtol=1e-5)

@@ -52,6 +52,40 @@ def encode_png(array: np.ndarray) -> bytes:
   return buf.getvalue()
 
 
+def text(value) -> str:
+  """A record field stored as bytes or str, as str."""
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def gaussian_blur(x: np.ndarray, sigma: float, *, border: str) -> np.ndarray:
+  """Separable Gaussian blur over the first two axes of [H, W, ...], radius ceil(3 sigma),
+  taps computed in x's dtype; border 'reflect' (numpy's; the radius is cut to fit the
+  image: multi-crop augmentation) or 'edge' (the synthetic generators). The sums run in a
+  fixed order (rows, then columns; tap by tap), so the result is deterministic."""
+  if border not in ("reflect", "edge"):
+    raise ValueError(f"border={border!r}; valid: 'reflect', 'edge'")
+  h, w = x.shape[:2]
+  r = int(np.ceil(3 * sigma))
+  if border == "reflect":
+    r = min(r, h - 1, w - 1)
+  if r < 1:
+    return x
+  dtype = x.dtype.type
+  taps = np.exp(-0.5 * (np.arange(-r, r + 1, dtype=dtype) / dtype(sigma)) ** 2)
+  taps /= taps.sum()
+  for axis, n in ((0, h), (1, w)):
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (r, r)
+    padded = np.pad(x, pad, mode=border)
+    window = lambda k: tuple(slice(k, k + n) if a == axis else slice(None)
+                             for a in range(x.ndim))
+    out = taps[0] * padded[window(0)]
+    for k in range(1, 2 * r + 1):  # one vectorised pass per tap
+      out += taps[k] * padded[window(k)]
+    x = out
+  return x
+
+
 def class_names(source) -> list[str]:
   """The class names of an open data source ([] for an unlabelled dataset)."""
   metadata = source.dataset_info.metadata or {}

@@ -58,7 +58,7 @@ from typing import Any, Mapping
 import numpy as np
 import scipy.ndimage
 
-from medguide_jax.data import multicrop, readers
+from medguide_jax.data import images, multicrop, readers
 
 VIEWS = ("L-CC", "R-CC", "L-MLO", "R-MLO")
 # The reference's INPUT_SIZE_DICT: the same window for every view, (rows, columns).
@@ -701,7 +701,7 @@ def glam_example(record: Mapping, rng=None, *, augment: bool) -> dict:
   only training-time augmentation is noise in the crop window, which the stored views have
   already fixed."""
   del rng
-  name = multicrop.text(record.get("id", "?"))
+  name = images.text(record.get("id", "?"))
   image = multicrop.decode(record["image"], what=f"image {name}")[..., 0]
   out = {"image": standardize(image)[..., None],
          "labels": np.array([record["benign"], record["malignant"]], np.float32)}

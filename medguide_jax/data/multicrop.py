@@ -32,6 +32,8 @@ import grain
 import numpy as np
 from PIL import Image
 
+from medguide_jax.data import images
+
 DEFAULT_NORM = (0.5, 0.25)
 """(mean, std) used for a source that `norm` does not name (images are in [0, 1])."""
 
@@ -283,38 +285,6 @@ def _jitter(x: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig,
   return x
 
 
-def _reflect_pad(x: np.ndarray, r: int) -> np.ndarray:
-  """np.pad(x, r on axes 0 and 1, mode='reflect'), about three times faster."""
-  h, w = x.shape[:2]
-  p = np.empty((h + 2 * r, w + 2 * r) + x.shape[2:], x.dtype)
-  p[r:r + h, r:r + w] = x
-  p[:r, r:r + w] = x[r:0:-1]
-  p[r + h:, r:r + w] = x[-2:-r - 2:-1]
-  p[:, :r] = p[:, 2 * r:r:-1]
-  p[:, r + w:] = p[:, r + w - 2:w - 2:-1]
-  return p
-
-
-def _gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
-  """Separable Gaussian blur of [H, W, C] (reflected borders, radius 3 sigma)."""
-  h, w, c = x.shape
-  r = min(int(math.ceil(3 * sigma)), h - 1, w - 1)
-  if r < 1:
-    return x
-  t = np.arange(-r, r + 1, dtype=np.float32)
-  k = np.exp(-0.5 * (t / np.float32(sigma)) ** 2)
-  k /= k.sum()
-  # Rows of the padded image as [H + 2r, (W + 2r) * C]: a shift of one column is C entries.
-  p = _reflect_pad(x, r).reshape(h + 2 * r, -1)
-  y = k[0] * p[:h]
-  for i in range(1, 2 * r + 1):  # loop over taps; every tap is one vectorised pass
-    y += k[i] * p[i:i + h]
-  z = k[0] * y[:, :w * c]
-  for i in range(1, 2 * r + 1):
-    z += k[i] * y[:, i * c:i * c + w * c]
-  return z.reshape(h, w, c)
-
-
 def augment(crop: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig, *,
             colour: bool) -> np.ndarray:
   """One crop's random augmentation: float32 [S, S, C] in [0, 1] -> same shape, in [0, 1].
@@ -342,7 +312,7 @@ def augment(crop: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig, *,
     sigma = rng.uniform(*cfg.blur_sigma)
     if cfg.blur_reference_size is not None:
       sigma *= x.shape[0] / cfg.blur_reference_size
-    x = _gaussian_blur(x, sigma)
+    x = images.gaussian_blur(x, sigma, border="reflect")
   if rng.random() < cfg.noise_p:
     std = np.float32(rng.uniform(*cfg.noise_std))
     shape = x.shape if colour else x.shape[:2] + (1,)
@@ -353,16 +323,11 @@ def augment(crop: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig, *,
 # ----------------------------------------------------------------------------- examples
 
 
-def text(value) -> str:
-  """A record field stored as bytes or str, as str."""
-  return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _image_for(record: Mapping, channels: int) -> np.ndarray:
   """The record's image as float32 [H, W, 1 or 3]; colour becomes luma when channels == 1."""
   if channels not in (1, 3):
     raise ValueError(f"channels must be 1 or 3, got {channels}")
-  image = decode(record["image"], what=f"image of record {text(record.get('id', '?'))}")
+  image = decode(record["image"], what=f"image of record {images.text(record.get('id', '?'))}")
   return _grey(image) if channels == 1 and image.shape[-1] == 3 else image
 
 
@@ -370,7 +335,7 @@ def _norm_for(record: Mapping, norm: Mapping[str, tuple[float, float]] | None):
   """(mean, std) of the record's source; None = per-crop standardisation."""
   if norm is None:
     return None
-  source = text(record.get("source", ""))
+  source = images.text(record.get("source", ""))
   mean, std = norm.get(source, DEFAULT_NORM)
   if std <= 0:
     raise ValueError(f"norm[{source!r}] std must be > 0, got {std}")
@@ -385,7 +350,7 @@ def _normalise(x: np.ndarray, mean_std) -> np.ndarray:
 
 def _label(record: Mapping) -> np.ndarray:
   if "label" not in record:
-    raise ValueError(f"record {text(record.get('id', '?'))} has no field 'label'")
+    raise ValueError(f"record {images.text(record.get('id', '?'))} has no field 'label'")
   return np.int32(record["label"])
 
 
@@ -454,7 +419,7 @@ def source_norms(train_source, *, max_records: int = 512) -> dict[str, tuple[flo
   for i in idx:
     record = train_source[int(i)]
     img = decode(record["image"], what=f"record {i}")
-    s = sums.setdefault(text(record["source"]), [0.0, 0.0, 0.0])
+    s = sums.setdefault(images.text(record["source"]), [0.0, 0.0, 0.0])
     s[0] += float(img.sum())
     s[1] += float(np.square(img, dtype=np.float64).sum())
     s[2] += img.size

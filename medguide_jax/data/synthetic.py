@@ -23,14 +23,13 @@ practice; PNG bytes are identical for a given Pillow (zlib) build.
 from __future__ import annotations
 
 import dataclasses
-import io
 from typing import Iterator
 
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from medguide_jax.data import paired
+from medguide_jax.data import images, paired
 
 _DIAG = paired.CLASS_NAMES["DIAG"]  # ("BCC", "NEV", "MEL", "MISC", "SK")
 BCC, NEV, MEL, MISC, SK = range(5)
@@ -306,25 +305,6 @@ def _lesion_rgba(rng: np.random.Generator, labels: np.ndarray, size: int):
   return colour, alpha
 
 
-def _gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
-  """Separable Gaussian blur of [H, W, C] with edge padding (fixed-order sums: deterministic)."""
-  radius = max(1, int(np.ceil(3 * sigma)))
-  taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-  taps /= taps.sum()
-  h, w = image.shape[:2]
-  for axis, n in ((0, h), (1, w)):
-    pad = [(0, 0)] * image.ndim
-    pad[axis] = (radius, radius)
-    padded = np.pad(image, pad, mode="edge")
-    out = np.zeros_like(image)
-    for k, tap in enumerate(taps):
-      window = [slice(None)] * image.ndim
-      window[axis] = slice(k, k + n)
-      out += tap * padded[tuple(window)]
-    image = out
-  return image
-
-
 def _to_uint8(image: np.ndarray) -> np.ndarray:
   return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
@@ -360,7 +340,7 @@ def _inferior_view(rng: np.random.Generator, colour, alpha) -> np.ndarray:
   direction = rng.uniform(0, 2 * np.pi)
   light = 1 + rng.uniform(0.2, 0.45) * (np.cos(direction) * xx + np.sin(direction) * yy)
   image = image * light[..., None] * rng.normal(1.0, 0.06, 3)  # gradient and colour cast
-  image = _gaussian_blur(image, rng.uniform(0.9, 1.5) * size / 96)
+  image = images.gaussian_blur(image, rng.uniform(0.9, 1.5) * size / 96, border="edge")
   return _to_uint8(image + rng.normal(0, 4.0, image.shape))
 
 
@@ -388,13 +368,6 @@ def generate_case(seed: int, split_id: int, index: int, size: int = 96):
   labels = sample_labels(rng)
   inferior, superior = render_case(rng, labels, size)
   return labels, inferior, superior
-
-
-def encode_png(image: np.ndarray) -> bytes:
-  """uint8 [H, W, 3] -> PNG bytes (fixed settings, so bytes are reproducible)."""
-  buffer = io.BytesIO()
-  Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
-  return buffer.getvalue()
 
 
 SPLITS = ("train", "validation", "test")
@@ -465,7 +438,7 @@ class SyntheticPaired(GeneratedBuilder):
       case_id = f"synthetic-{split}-{index:05d}"
       yield case_id, {
           "case_id": case_id.encode(),
-          "image_inferior": encode_png(inferior),
-          "image_superior": encode_png(superior),
+          "image_inferior": images.encode_png(inferior),
+          "image_superior": images.encode_png(superior),
           "labels": labels,
       }

@@ -60,7 +60,7 @@ import tensorflow_datasets as tfds
 
 from medguide_jax.data import images
 from medguide_jax.data import synthetic
-from medguide_jax.data.synthetic import _gaussian_blur, _smooth_noise
+from medguide_jax.data.synthetic import _smooth_noise
 
 SOURCES = ("xray", "ct", "mr", "us")
 CLASS_NAMES = ("round_lesion", "spiculated_lesion", "calcification_cluster", "normal")
@@ -210,7 +210,7 @@ def _xray(rng: np.random.Generator, label: int, c: _Canvas):
   image = image + contrast * lesion
   tilt = rng.uniform(0, 2 * np.pi)
   image = image + rng.uniform(0, 0.12) * (np.cos(tilt) * x + np.sin(tilt) * y)  # exposure
-  image = _gaussian_blur(image, rng.uniform(0.5, 0.9) * c.size / 96)
+  image = images.gaussian_blur(image, rng.uniform(0.5, 0.9) * c.size / 96, border="edge")
   return image + rng.normal(0, rng.uniform(0.01, 0.03), image.shape), where
 
 
@@ -275,7 +275,7 @@ def _ct(rng: np.random.Generator, label: int, c: _Canvas):
   else:  # hypo- or hyperdense liver lesion
     contrast = rng.choice([-1, 1]) * rng.uniform(0.1, 0.22)
   image = image + contrast * lesion
-  noise = _gaussian_blur(rng.normal(0, 1, image.shape), 0.5 * c.size / 96)
+  noise = images.gaussian_blur(rng.normal(0, 1, image.shape), 0.5 * c.size / 96, border="edge")
   return image + rng.uniform(0.03, 0.08) * noise, where
 
 
@@ -311,7 +311,7 @@ def _mr(rng: np.random.Generator, label: int, c: _Canvas):
   else:
     contrast = (1 if weighting == "t2" else -1) * rng.uniform(0.22, 0.4)
   image = image + contrast * lesion
-  image = _gaussian_blur(image, rng.uniform(0.4, 0.7) * c.size / 96)
+  image = images.gaussian_blur(image, rng.uniform(0.4, 0.7) * c.size / 96, border="edge")
   image = image * (1 + rng.uniform(0.1, 0.35) * _smooth_noise(rng, c.size, 3))  # bias field
   sigma = rng.uniform(0.015, 0.045)
   noise = rng.normal(0, sigma, (2,) + image.shape)

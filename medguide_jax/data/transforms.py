@@ -6,6 +6,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from medguide_jax.data import images as images_lib
+
 
 def decode_image(data: bytes, size: int, *, what: str = "image") -> np.ndarray:
   """Encoded PNG/JPEG bytes -> uint8 [size, size, 3] (16-bit sources are scaled to 8 bits)."""
@@ -37,8 +39,7 @@ def random_flip_rotate(images: list[np.ndarray], rng: np.random.Generator) -> li
 def paired_example(record: dict, rng: np.random.Generator | None, *, image_size: int,
                    augment: bool) -> dict:
   """A paired-modality record -> {'image_inferior', 'image_superior', 'labels'}."""
-  case = record["case_id"]
-  case = case.decode() if isinstance(case, bytes) else str(case)
+  case = images_lib.text(record["case_id"])
   images = [decode_image(record[f"image_{m}"], image_size, what=f"image_{m} of case {case}")
             for m in ("inferior", "superior")]
   if augment and rng is not None:

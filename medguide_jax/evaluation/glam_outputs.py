@@ -16,12 +16,12 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from medguide_jax import metric_writers
-from medguide_jax.data import mammo, multicrop
+from medguide_jax.data import images, mammo
 from medguide_jax.evaluation import evaluators
 
 
 def _ids(source) -> list[str]:
-  return [multicrop.text(source[i]["id"]) for i in range(len(source))]
+  return [images.text(source[i]["id"]) for i in range(len(source))]
 
 
 class PredictionsCSV(evaluators.Evaluator):

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import importlib
 
-from medguide_jax.tasks.base import Task, TaskContext
+from medguide_jax.tasks.base import LossState, Task, TaskContext
+
+__all__ = ["LossState", "METHODS", "Task", "TaskContext", "get_task"]
 
 METHODS = {"guidance": "medguide_jax.tasks.guidance", "ssl": "medguide_jax.tasks.ssl",
            "glam": "medguide_jax.tasks.glam"}

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 from typing import Any
 
+import flax
 import jax
 import ml_collections
 import numpy as np
@@ -29,6 +30,16 @@ class TaskContext:
   stage: ml_collections.ConfigDict    # this stage's block, run-time fields resolved
   train_source: Any                   # the training split (random access, len, dataset_info)
   mesh: Any = None                    # jax.sharding.Mesh, for per-device work (shard_map)
+
+
+@flax.struct.dataclass
+class LossState:
+  """What a loss reads besides the parameters and the batch; it returns this with
+  `model_state` and `extra` updated (the trainer ignores changes to the others)."""
+  step: jax.Array    # updates done before this one (queues, schedules inside the loss)
+  model_state: Any   # flax collections the model mutates (batch_stats)
+  extra: Any         # the task's non-parameter training state (`init_extra`: SwAV's queue)
+  teacher: Any       # frozen teacher variables (`init_teacher`), or {} without a teacher
 
 
 class Task:
@@ -48,10 +59,10 @@ class Task:
     """Variables for a (possibly abstract) example batch."""
     raise NotImplementedError
 
-  def loss(self, params, model_state, batch: dict, rng: jax.Array, step: jax.Array
-           ) -> tuple[jax.Array, tuple[dict, Any]]:
-    """Training loss over the global batch -> (loss, (metrics, new model_state)).
-    `step` counts the updates done before this one (queues, schedules inside the loss)."""
+  def loss(self, params, state: LossState, batch: dict, rng: jax.Array
+           ) -> tuple[jax.Array, tuple[dict, LossState]]:
+    """Training loss over the global batch -> (loss, (metrics, state with the new
+    model_state and extra))."""
     raise NotImplementedError
 
   def predict(self, variables: Variables, batch: dict) -> dict[str, jax.Array]:
@@ -69,6 +80,17 @@ class Task:
     raise NotImplementedError
 
   # -- optional hooks (defaults do nothing) --------------------------------------------------
+  def init_extra(self) -> Any:
+    """The task's non-parameter training state at step 0 (queues, counters): checkpointed
+    with the train state, never trained, handed to `loss` as `state.extra`."""
+    return {}
+
+  def init_teacher(self, rng: jax.Array, batch: dict) -> Variables | None:
+    """The structure of the task's frozen teacher variables (any values: the trainer
+    loads them from the stage's `teacher_from`), or None for a task without a teacher."""
+    del rng, batch
+    return None
+
   def prepare_params(self, params):
     """A parameter transform before every step's forward pass and every predict; the
     gradient is taken at, and the update applied to, the transformed parameters (SwAV

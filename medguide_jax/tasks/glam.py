@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from medguide_jax.data import mammo, multicrop
+from medguide_jax.data import images, mammo
 from medguide_jax.evaluation import metrics as metrics_lib
 from medguide_jax.evaluation import segmentation
 from medguide_jax.losses import classification
@@ -119,7 +119,7 @@ class GlamTask(base.Task):
   def example_fn(self, record, rng, *, augment):
     example = super().example_fn(record, rng, augment=augment)
     if example["image"].shape[:2] != self.image_shape:
-      raise ValueError(f"image {multicrop.text(record.get('id', '?'))} is "
+      raise ValueError(f"image {images.text(record.get('id', '?'))} is "
                        f"{example['image'].shape[:2]}, the dataset metadata says "
                        f"{self.image_shape}")
     return example
@@ -134,12 +134,13 @@ class GlamTask(base.Task):
       return loaded
     return variables
 
-  def loss(self, params, model_state, batch, rng, step=None):
-    del rng, step
+  def loss(self, params, state, batch, rng):
+    del rng
     weights = batch["mask"].astype(jnp.float32)
-    out, new_state = base.apply_mutable(
-        self.model, {"params": params, **model_state}, list(model_state), batch["image"],
-        train=True, train_global=self.mode in _TRAINS_GLOBAL, local=self.uses_local)
+    out, model_state = base.apply_mutable(
+        self.model, {"params": params, **state.model_state}, list(state.model_state),
+        batch["image"], train=True, train_global=self.mode in _TRAINS_GLOBAL,
+        local=self.uses_local)
     bce = lambda y: classification.binary_cross_entropy(probs=y, labels=batch["labels"],
                                                         weights=weights)
     metrics, total = {}, 0.0
@@ -152,7 +153,7 @@ class GlamTask(base.Task):
       metrics["l1_local"] = _masked_mean(jnp.abs(out["saliency_local_patches"]), weights)
       total = total + metrics["bce_local"] + self.sparsity * metrics["l1_local"]
     metrics["loss"] = total
-    return total, (metrics, new_state)
+    return total, (metrics, state.replace(model_state=model_state))
 
   def predict(self, variables, batch):
     out = self.model.apply(variables, batch["image"], train=False, local=self.uses_local,
@@ -202,14 +203,14 @@ class GlamTask(base.Task):
   def _maps_fn(self):
     return jax.jit(lambda v, x: self.model.apply(v, x, train=False, local=True, fuse=True))
 
-  def picture_maps(self, variables, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  def picture_maps(self, variables, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(saliency [B,H,W,2] at the image's size, patch positions [B,n,2]) for the pictures:
     the fused map where the stage has a local module, else the up-sampled global one."""
-    out = jax.tree.map(np.asarray, self._maps_fn(variables, images))
+    out = jax.tree.map(np.asarray, self._maps_fn(variables, pixels))
     if self.uses_local:
       return out["saliency"], out["patch_positions"]
     saliency = np.asarray(glam_lib.resize_nearest(out["saliency_global"], self.image_shape))
-    return saliency, np.zeros((len(images), 0, 2), np.int32)
+    return saliency, np.zeros((len(pixels), 0, 2), np.int32)
 
 
 def make_task(ctx: base.TaskContext) -> base.Task:

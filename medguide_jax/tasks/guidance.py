@@ -45,14 +45,13 @@ class GuidanceRegressionTask(base.Task):
   def init(self, rng, batch):
     return dict(self.model.init({"params": rng, "dropout": rng}, batch, train=False))
 
-  def loss(self, params, model_state, batch, rng, step=None):
-    del step
-    out, new_state = base.apply_mutable(self.model, {"params": params, **model_state},
-                                        list(model_state), batch, train=True,
-                                        rngs={"dropout": rng})
+  def loss(self, params, state, batch, rng):
+    out, model_state = base.apply_mutable(
+        self.model, {"params": params, **state.model_state}, list(state.model_state), batch,
+        train=True, rngs={"dropout": rng})
     loss, metrics = classification.mse(predictions=out["prediction"], targets=out["target"],
                                        mask=batch["mask"])
-    return loss, (metrics, new_state)
+    return loss, (metrics, state.replace(model_state=model_state))
 
   def predict(self, variables, batch):
     out = self.model.apply(variables, batch, train=False)

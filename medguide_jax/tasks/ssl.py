@@ -76,7 +76,7 @@ class _SSLData:
     out = multicrop.single_image_example(record, rng if augment else None, image_size=size,
                                          channels=channels, norm=self.norms)
     # The robustness evaluator perturbs [0, 1] intensities: it needs the normalisation used.
-    mean, std = (self.norms or {}).get(multicrop.text(record["source"]), multicrop.DEFAULT_NORM)
+    mean, std = (self.norms or {}).get(images_lib.text(record["source"]), multicrop.DEFAULT_NORM)
     out["norm_mean"], out["norm_std"] = np.float32(mean), np.float32(std)
     return out
 
@@ -110,25 +110,25 @@ class _SwAVObjective:
     w = params["prototypes"]["weight"]
     return {**params, "prototypes": {"weight": swav.normalize_prototypes(w, axis=1)}}
 
-  def _with_queue(self, variables: dict) -> dict:
-    if self.queue_length:
-      variables["queue"] = {
-          "z": jnp.zeros((len(self.assign), self.queue_length, self.config.model.proj_dim),
-                         jnp.float32),
-          "filled": jnp.zeros((), jnp.int32)}
-    return variables
+  def init_extra(self):
+    """The embedding queue (SwAV's), FIFO over the assigned crops' projections."""
+    if not self.queue_length:
+      return {}
+    return {"queue": {
+        "z": jnp.zeros((len(self.assign), self.queue_length, self.config.model.proj_dim),
+                       jnp.float32),
+        "filled": jnp.zeros((), jnp.int32)}}
 
   def _embed(self, params, model_state, batch):
     """(features, z) [V, B, ...] of every crop, and the updated batch statistics."""
-    mutable = [c for c in model_state if c != "queue"]
     crops = [batch[f"crops_{i}"] for i in range(len(self.crops))]
-    return base.apply_mutable(self.model, {"params": params, **model_state}, mutable, crops,
-                              train=True, method=swav_model.SSLNet.embed_crops)
+    return base.apply_mutable(self.model, {"params": params, **model_state}, list(model_state),
+                              crops, train=True, method=swav_model.SSLNet.embed_crops)
 
-  def _ssl_loss(self, z, prototypes, model_state, step):
-    """SwAV (+ NT-Xent) on crop-major projections z [V, B, d] -> (loss, metrics, new queue)."""
-    s = self.config.ssl
-    queue = model_state.get("queue")
+  def _ssl_loss(self, z, prototypes, state: base.LossState):
+    """SwAV (+ NT-Xent) on crop-major projections z [V, B, d] -> (loss, metrics, new extra)."""
+    s, step = self.config.ssl, state.step
+    queue = state.extra.get("queue")
     metrics, loss = {}, jnp.zeros((), jnp.float32)
     use_queue = False if queue is None else queue["filled"] >= queue["z"].shape[1]
     if s.swav_weight:
@@ -145,7 +145,7 @@ class _SwAVObjective:
       loss = loss + s.contrastive_weight * l_nce
       metrics.update(contrastive_loss=l_nce, contrastive_accuracy=aux["contrastive_accuracy"])
     if queue is None:
-      return loss, metrics, None
+      return loss, metrics, state.extra
     started = step >= s.queue_start
     z_assign = jax.lax.stop_gradient(z[jnp.asarray(self.assign)]).astype(jnp.float32)
     new_queue = {
@@ -153,15 +153,7 @@ class _SwAVObjective:
         "filled": jnp.where(started, jnp.minimum(queue["filled"] + z.shape[1],
                                                  queue["z"].shape[1]), queue["filled"])}
     metrics["queue_in_use"] = jnp.asarray(use_queue, jnp.float32)
-    return loss, metrics, new_queue
-
-  @staticmethod
-  def _keep_queue(new_state: dict, new_queue, model_state: dict) -> dict:
-    if new_queue is not None:
-      new_state["queue"] = new_queue
-    elif "queue" in model_state:
-      new_state["queue"] = model_state["queue"]
-    return new_state
+    return loss, metrics, {**state.extra, "queue": new_queue}
 
   def on_log(self, step: int, scalars: dict) -> None:
     """Warns once when SwAV's loss sits at ln K (three log lines in a row within 1%) after
@@ -206,15 +198,14 @@ class PretrainTask(_SSLData, _SwAVObjective, _FeatureSpread, base.Task):
     self.model = network(ctx.config, self.num_classes)
 
   def init(self, rng, batch):
-    return self._with_queue(dict(self.model.init({"params": rng}, batch, train=False)))
+    return dict(self.model.init({"params": rng}, batch, train=False))
 
-  def loss(self, params, model_state, batch, rng, step):
+  def loss(self, params, state, batch, rng):
     del rng
-    (h, z), new_state = self._embed(params, model_state, batch)
-    loss, metrics, new_queue = self._ssl_loss(z, params["prototypes"]["weight"], model_state,
-                                              step)
+    (h, z), model_state = self._embed(params, state.model_state, batch)
+    loss, metrics, extra = self._ssl_loss(z, params["prototypes"]["weight"], state)
     metrics["feature_std"] = jnp.mean(jnp.std(h[0], axis=0))
-    return loss, (metrics, self._keep_queue(new_state, new_queue, model_state))
+    return loss, (metrics, state.replace(model_state=model_state, extra=extra))
 
   def predict(self, variables, batch):
     return {"label": batch["label"],
@@ -252,23 +243,19 @@ class HybridTask(_SwAVObjective, ClassifierTask):
     super().__init__(ctx)
     self._setup_swav(ctx)
 
-  def init(self, rng, batch):
-    return self._with_queue(super().init(rng, batch))
-
-  def loss(self, params, model_state, batch, rng, step):
+  def loss(self, params, state, batch, rng):
     del rng
-    (h, z), new_state = self._embed(params, model_state, batch)
-    l_ssl, metrics, new_queue = self._ssl_loss(z, params["prototypes"]["weight"], model_state,
-                                               step)
+    (h, z), model_state = self._embed(params, state.model_state, batch)
+    l_ssl, metrics, extra = self._ssl_loss(z, params["prototypes"]["weight"], state)
     n_global = self.crops[0].count
-    logits = self.model.apply({"params": params, **model_state},
+    logits = self.model.apply({"params": params, **state.model_state},
                               h[:n_global].reshape((-1, h.shape[-1])),
                               method=swav_model.SSLNet.classify_features)
     labels = {"label": jnp.tile(batch["label"], n_global)}
     l_sup, sup = self.classification_loss(logits, labels, jnp.ones(logits.shape[:1]))
     loss = l_sup + self.config.ssl.hybrid_lambda * l_ssl
     metrics.update(sup_loss=l_sup, ssl_loss=l_ssl, accuracy=sup["accuracy"])
-    return loss, (metrics, self._keep_queue(new_state, new_queue, model_state))
+    return loss, (metrics, state.replace(model_state=model_state, extra=extra))
 
 
 def make_task(ctx: base.TaskContext) -> base.Task:

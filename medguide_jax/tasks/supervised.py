@@ -84,12 +84,11 @@ class SupervisedTask(base.Task):
         logits=logits, labels=batch["labels"], mask=weights, class_weights=self.class_weights,
         task_names=self.task_names)
 
-  def loss(self, params, model_state, batch, rng, step=None):
-    del step  # no step-dependent behaviour
-    out, new_state = self.forward(params, model_state, batch, rng)
+  def loss(self, params, state, batch, rng):
+    out, model_state = self.forward(params, state.model_state, batch, rng)
     loss, metrics = self.classification_loss(out["logits"], batch,
                                              batch["mask"].astype(jnp.float32))
-    return loss, (metrics, new_state)
+    return loss, (metrics, state.replace(model_state=model_state))
 
   # -- evaluation ----------------------------------------------------------------------------
   def predict(self, variables, batch):
