@@ -94,6 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.default_stage = ""   # the stage load_run(W) returns ('' = the last)
   c.resume = ""          # a workdir whose checkpoint restores everything (if W has none)
+  # Stage keys a resume may change, comma-separated, among num_steps, log_every, eval_every,
+  # checkpoint_every, keep_checkpoints, patience, bootstrap (any other change is refused).
+  c.allow_resume_changes = ""
   c.profile_steps = ""   # e.g. '10:15' traces steps [10, 15) into W/<stage>/profile
   c.compute_dtype = "float32"  # 'bfloat16' computes in bf16; parameters stay fp32
   c.mesh = ml_collections.ConfigDict(dict(fsdp_rules="", min_fsdp_size_mb=4.0))

@@ -51,15 +51,31 @@ def load_config(workdir: str | epath.Path) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
+def finished_stages(workdir: str | epath.Path, config) -> list[str]:
+  """The stages of `config` that finished in `workdir`, in run order."""
+  return [s for s in train.stage_order(config)
+          if (epath.Path(workdir) / s / "results.json").exists()]
+
+
 def load_run(workdir: str | epath.Path, stage: str | None = None) -> Run:
-  """The config, model and parameters of a finished stage (default: config.default_stage)."""
+  """The config, model and parameters of a finished stage of the run in `workdir`.
+
+  With no `stage`: the method's default stage (config.default_stage) if it finished in
+  `workdir`, else the last finished stage in run order (a run made with `stages=...` may
+  not have run the default one). FileNotFoundError when no stage (or not `stage`) finished.
+  """
   workdir = epath.Path(workdir)
   config = load_config(workdir)
-  stage = stage or config.get("default_stage") or train.stage_order(config)[-1]
+  done = finished_stages(workdir, config)
+  if stage is None:
+    if not done:
+      raise FileNotFoundError(f"no stage of {workdir} has finished; stages: "
+                              f"{train.stage_order(config)}")
+    stage = config.get("default_stage") if config.get("default_stage") in done else done[-1]
   if stage not in config.stages:
     raise ValueError(f"stage {stage!r} is not in {workdir}; stages: {list(config.stages)}")
-  if not (workdir / stage / "results.json").exists():
-    raise FileNotFoundError(f"stage {stage!r} of {workdir} has not finished")
+  if stage not in done:
+    raise FileNotFoundError(f"stage {stage!r} of {workdir} has not finished; finished: {done}")
   setup = train.StageSetup(config, stage, workdir, parallel.make_mesh())
   variables = checkpointing.load_variables(workdir / stage / "variables")
   return Run(config=config, stage=stage, task=setup.task, variables=variables, setup=setup)
@@ -72,8 +88,25 @@ _STAGES = flags.DEFINE_list("stages", [], "Stages to evaluate (default: every fi
 def main(argv) -> int:
   del argv
   workdir = epath.Path(_WORKDIR.value)
-  config = load_config(workdir)
-  names = _STAGES.value or [s for s in train.stage_order(config) if (workdir / s / "results.json").exists()]
+  try:
+    config = load_config(workdir)
+  except FileNotFoundError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  done = finished_stages(workdir, config)
+  unfinished = [s for s in train.stage_order(config) if s not in done]
+  names = _STAGES.value or done
+  if not names:
+    print(f"error: no stage of {workdir} has finished (unfinished: {', '.join(unfinished)}); "
+          "nothing to evaluate", file=sys.stderr)
+    return 1
+  if unfinished and not _STAGES.value:
+    print(f"not evaluated (unfinished): {', '.join(unfinished)}", file=sys.stderr)
+  not_done = [n for n in names if n not in done]
+  if not_done:
+    print(f"error: --stages names stages that have not finished in {workdir}: "
+          f"{', '.join(not_done)} (finished: {', '.join(done) or 'none'})", file=sys.stderr)
+    return 1
   results, columns = {"stages": {}, "table": []}, []
   for name in names:
     run = load_run(workdir, name)

@@ -27,14 +27,11 @@ from jax.experimental import multihost_utils
 
 from medguide_jax import checkpointing, metric_writers, optim, parallel, paths, run_info, tasks
 from medguide_jax.data import builders, mixture, pipeline, sources
+from medguide_jax.validation import ConfigError, check_config
 from medguide_jax.evaluation import evaluators as evaluators_lib
 
 EXIT_PREEMPTED = 75
 EVAL_SPLITS = ("validation", "test")
-
-
-class ConfigError(ValueError):
-  """Bad config or workdir contents, found before anything is written (exit code 2)."""
 
 
 class Preempted(Exception):
@@ -162,7 +159,11 @@ def _stage_config(config, name: str) -> dict:
 
 
 _VOLATILE_KEYS = ("resume", "profile_steps", "default_stage", "data.num_workers", "data.prefetch",
-                  "data.data_dir", "data.manual_dir")
+                  "data.data_dir", "data.manual_dir", "allow_resume_changes")
+# Stage fields a resume may change (--config.allow_resume_changes=...): they do not change
+# what was already trained.
+RESUMABLE_KEYS = ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+                  "patience", "bootstrap")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -201,12 +202,13 @@ def _source_stage_dir(workdir: epath.Path, source: str) -> epath.Path:
   """init_from names a stage of this workdir, or a path to a finished stage directory."""
   path = workdir / source if "/" not in source else epath.Path(source)
   if not (path / "results.json").exists():
-    raise ConfigError(f"init_from {source!r}: {path} is not a finished stage "
+    raise ConfigError(f"init_from/teacher_from {source!r}: {path} is not a finished stage "
                       "(no results.json there)")
   return path
 
 
-def init_rules(init_params: str) -> list[tuple[str, re.Pattern, str | None]]:
+def init_rules(init_params: str, what: str = "init_params"
+               ) -> list[tuple[str, re.Pattern, str | None]]:
   """Parses init_params: rules separated by ';', each '<target regex>' (take the same path)
   or '<target regex>=<source template>' (take the source path the template gives from the
   target's groups, e.g. 'img/(.*)=encoder/\\1'). '' is one rule taking every path. The '='
@@ -222,7 +224,7 @@ def init_rules(init_params: str) -> list[tuple[str, re.Pattern, str | None]]:
       rules.append((text, target, text[i + 1:] if i < len(text) else None))
       break
     else:
-      raise ConfigError(f"init_params rule {text!r} is not a valid regex")
+      raise ConfigError(f"{what}={init_params!r}: rule {text!r} is not a valid regex")
   return rules
 
 
@@ -407,7 +409,9 @@ class StageSetup:
     except ValueError as e:  # a task's config check: bad usage, nothing written yet
       raise ConfigError(f"stages.{name} ({stage.task}): {e}") from e
     self.metric_keys = self._check_metric_keys()
-    init_rules(stage.init_params)  # a bad regex is exit 2 now, not after the first stages
+    # A bad regex is exit 2 now, not after the first stages have run.
+    init_rules(stage.init_params, f"stages.{name}.init_params")
+    init_rules(stage.get("teacher_params", ""), f"stages.{name}.teacher_params")
     self.example_fn = self.task.example_fn
 
   def _check_metric_keys(self) -> set[str]:
@@ -616,12 +620,14 @@ def _copy(tree):
 
 
 # --------------------------------------------------------------------------- the loop
-def _check_finite(setup: StageSetup, state: TrainState) -> None:
+def _check_finite(setup: StageSetup, state: TrainState, ckpt: checkpointing.Checkpointer) -> None:
   bad = int(state.bad_step)
   if bad >= 0:
+    steps = ckpt.steps()
+    kept = (f"the checkpoint at step {steps[-1]} in {ckpt.directory} is untouched" if steps else
+            "no checkpoint was written yet, so a rerun starts the stage from scratch")
     # bad_step counts from 0; logs and checkpoints number a step by the updates done after it.
-    raise NonFiniteError(f"[{setup.name}] non-finite loss or gradient at step {bad + 1}; the last "
-                         f"good checkpoint in {setup.dir / 'checkpoints'} is untouched")
+    raise NonFiniteError(f"[{setup.name}] non-finite loss or gradient at step {bad + 1}; {kept}")
 
 
 def _profile(setup: StageSetup, step: int) -> None:
@@ -674,12 +680,12 @@ def train_stage(setup: StageSetup, workdir: epath.Path) -> TrainState:
       state, metrics = step_fn(state, parallel.to_global(next(data_iter), setup.mesh))
     log, last = {}, stage.num_steps
     if _every(stage.log_every, step, last):
-      _check_finite(setup, state)
+      _check_finite(setup, state, ckpt)
       log.update(_scalars(metrics, "train/"), **progress.report(step))
       setup.task.on_log(step, log)
     if stage.select and _every(stage.eval_every, step, last):
       t = time.monotonic()
-      _check_finite(setup, state)
+      _check_finite(setup, state, ckpt)
       val = evaluate_split(setup, _variables(state, "last"), "validation", during_training=True)
       state = jax.device_put(_track_best(setup, state, val), shardings)
       log.update(_scalars(val, "eval/validation/"))
@@ -689,7 +695,7 @@ def train_stage(setup: StageSetup, workdir: epath.Path) -> TrainState:
       writer.write(step, log)
     preempted = _preempted(step)
     if _every(stage.checkpoint_every, step, last) or preempted or stopped_early:
-      _check_finite(setup, state)
+      _check_finite(setup, state, ckpt)
       ckpt.save(step, _checkpointed(state), data_iter)
     if preempted:
       ckpt.wait()
@@ -750,13 +756,32 @@ def markdown_table(table: list[dict], columns: list[str]) -> str:
 
 
 # --------------------------------------------------------------------------- stages
+def _stage_records(setup: StageSetup) -> list[dict]:
+  """W/<stage>/stage_config.json: every config the stage ran under, in order, each with the
+  step it took effect ([] before the first start; a single dict is the old format)."""
+  path = setup.dir / "stage_config.json"
+  if not path.exists():
+    return []
+  saved = metric_writers.read_json(path)
+  return saved if isinstance(saved, list) else [{"step": 0, "config": saved}]
+
+
+def _allowed_resume_changes(config) -> set[str]:
+  allowed = {k.strip() for k in config.get("allow_resume_changes", "").split(",") if k.strip()}
+  bad = sorted(allowed - set(RESUMABLE_KEYS))
+  if bad:
+    raise ConfigError(f"allow_resume_changes={config.allow_resume_changes!r}: {bad} would change "
+                      f"what was already trained; only {list(RESUMABLE_KEYS)} may change on resume")
+  return allowed
+
+
 def _check_finished(setup: StageSetup, config) -> bool:
   """True if the stage is done; a changed config for a done stage is an error."""
-  saved = setup.dir / "stage_config.json"
   if not (setup.dir / "results.json").exists():
     return False
-  old = metric_writers.read_json(saved) if saved.exists() else {}
-  changed = _changed_keys(old, _stage_config(config, setup.name))
+  records = _stage_records(setup)
+  changed = _changed_keys(records[-1]["config"] if records else {},
+                          _stage_config(config, setup.name))
   if changed:
     raise ConfigError(f"stage {setup.name!r} in {setup.dir} is finished, but these config keys "
                       f"changed since: {', '.join(changed)}. Use a new workdir, or delete "
@@ -764,22 +789,60 @@ def _check_finished(setup: StageSetup, config) -> bool:
   return True
 
 
-def _check_state(setup: StageSetup) -> None:
+def _resume_records(setup: StageSetup, config, resume_step: int) -> list[dict] | None:
+  """The stage records to write before training: a fresh start's one entry, a resume's with
+  its allowed changes appended, or None (nothing to write). A resume with other changes is
+  an error naming them."""
+  new = _stage_config(config, setup.name)
+  records = _stage_records(setup)
+  if not resume_step or not records:
+    return [{"step": 0, "config": new}]
+  changed = _changed_keys(records[-1]["config"], new)
+  if not changed:
+    return None
+  allowed = _allowed_resume_changes(config)
+  refused = [k for k in changed if k.rsplit(".", 1)[-1] not in allowed]
+  if refused:
+    raise ConfigError(
+        f"stage {setup.name!r} in {setup.dir} has a checkpoint at step {resume_step}, and these "
+        f"config keys changed since it started: {', '.join(refused)}. A resume must not change "
+        f"what was trained: use a new workdir, or allow keys of {list(RESUMABLE_KEYS)} with "
+        "--config.allow_resume_changes=key1,key2.")
+  return records + [{"step": resume_step, "config": new}]
+
+
+def _check_sources(setup: StageSetup) -> None:
+  """init_from / teacher_from sources given as paths exist (stage names are checked by
+  check_config and run first)."""
+  for key in ("init_from", "teacher_from"):
+    for source in filter(None, (x.strip() for x in setup.stage.get(key, "").split(","))):
+      if source.endswith(".npz"):
+        if not epath.Path(source).exists():
+          raise ConfigError(f"stages.{setup.name}.{key}: {source} does not exist")
+      elif "/" in source:
+        _source_stage_dir(setup.dir.parent, source)
+
+
+def _check_state(setup: StageSetup) -> int:
   """The stage's state is buildable (optimiser regexes, teacher, FSDP rules) and a stage
-  checkpoint that does not fit the config is an error, before anything is written."""
+  checkpoint that does not fit the config is an error, before anything is written.
+  Returns the newest checkpoint's step (0 if none)."""
+  _check_sources(setup)
   ckpt_dir = setup.dir / "checkpoints"
   abstract = _checkpointed(setup.state_spec.abstract)  # built (and cached) now
   if not ckpt_dir.exists():
-    return
+    return 0
   ckpt = checkpointing.Checkpointer(ckpt_dir, keep=setup.stage.keep_checkpoints)
-  if ckpt.steps():
+  steps = ckpt.steps()
+  if steps:
     try:
-      ckpt.check_fits(ckpt.steps()[-1], abstract)
+      ckpt.check_fits(steps[-1], abstract)
     except checkpointing.CheckpointMismatchError:
       raise
     except Exception:  # pylint: disable=broad-except
       pass  # unreadable metadata: restore_latest sets that step aside and falls back
   ckpt.close()
+  return steps[-1] if steps else 0
 
 
 def _dependencies(config, name: str) -> set[str]:
@@ -818,17 +881,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Raises ConfigError (bad config, nothing written), Preempted (checkpoint saved) or
   NonFiniteError (last good checkpoint kept).
   """
+  check_config(config)
+  _allowed_resume_changes(config)
   workdir = _absolute(workdir)
   mesh = parallel.make_mesh()
-  if not config.stages:
-    raise ConfigError("config.stages is empty")
   data_sources = open_sources(config)  # once: every stage reads the same dataset
   setups = [StageSetup(config, name, workdir, mesh, data_sources) for name in stage_order(config)]
   _check_columns(setups)
   finished = {s.name: _check_finished(s, config) for s in setups}
-  for setup in setups:
-    if not finished[setup.name]:
-      _check_state(setup)
+  records = {s.name: _resume_records(s, config, _check_state(s))
+             for s in setups if not finished[s.name]}
   if metric_writers.is_writer():
     workdir.mkdir(parents=True, exist_ok=True)
     metric_writers.write_json_atomic(workdir / "config.json", config.to_dict())
@@ -841,10 +903,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if finished[setup.name]:
         logging.info("[%s] finished earlier; skipped", setup.name)
         continue
-      if metric_writers.is_writer():
+      if metric_writers.is_writer() and records[setup.name] is not None:
         setup.dir.mkdir(parents=True, exist_ok=True)
-        metric_writers.write_json_atomic(setup.dir / "stage_config.json",
-                                         _stage_config(config, setup.name))
+        metric_writers.write_json_atomic(setup.dir / "stage_config.json", records[setup.name])
       finish_stage(setup, train_stage(setup, workdir))
       _barrier(f"stage {setup.name} finished")  # others read what process 0 wrote
   finally:
