@@ -33,7 +33,9 @@ setup(
         "scipy>=1.11",          # mammogram cropping (connected components, erosion)
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-xdist>=3.5", "pydicom>=2.4", "nibabel>=5.0"],
+        # tensorboard: the tests read the event files with TensorBoard's own reader.
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "pydicom>=2.4", "nibabel>=5.0",
+                "tensorboard>=2.14"],
         "gpu": ["jax[cuda12]>=0.10.0,<0.12"],
         "tpu": ["jax[tpu]>=0.10.0,<0.12"],
         "dicom": ["pydicom>=2.4"],

@@ -330,7 +330,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
             f"image_folder:{name} is already prepared with other options "
             f"{{option: (prepared, asked)}} = {conflicts}; use another tag for other options "
             "(or delete its folder under data_dir/image_folder/).")
-    options = dict(ImageFolderConfig(name=name).options(), **(stored or {}), **given)
+    options = {**ImageFolderConfig(name=name).options(), **(stored or {}), **given}
     kwargs["config"] = ImageFolderConfig(name=name, description=f"User archive {name!r}.",
                                          **options)
     kwargs.setdefault("file_format", "array_record")

@@ -7,6 +7,7 @@ with a warning in favour of the previous one.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import grain
@@ -17,7 +18,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from medguide_jax import paths
+from medguide_jax import metric_writers, paths
 
 
 class CheckpointMismatchError(ValueError):
@@ -27,10 +28,14 @@ class CheckpointMismatchError(ValueError):
 class Checkpointer:
   """Saves and restores (TrainState, grain iterator) pairs under `directory`."""
 
-  def __init__(self, directory: str | epath.Path, *, keep: int = 2, async_save: bool = True):
+  def __init__(self, directory: str | epath.Path, *, keep: int = 2, async_save: bool = True,
+               owner: bool = False):
     self.directory = epath.Path(directory)
+    # owner (the run holding the workdir lock): a save that failed (disk full, a kill) left
+    # a temporary step directory, which this start removes; readers leave them alone.
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save)
+                                           enable_async_checkpointing=async_save,
+                                           cleanup_tmp_directories=owner)
     # Handlers registered up front, so metadata and restore work before any save.
     handlers = {"state": ocp.StandardCheckpointHandler(),
                 "data": grain.checkpoint.CheckpointHandler()}
@@ -43,7 +48,8 @@ class Checkpointer:
   def save(self, step: int, state, data_iterator) -> None:
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=grain.checkpoint.CheckpointSave(data_iterator))
-    self._manager.save(step, args=args, force=True)
+    with _naming_write_errors(self.directory / str(step)):
+      self._manager.save(step, args=args, force=True)
 
   def check_fits(self, step: int, abstract_state) -> None:
     """Raises CheckpointMismatchError naming every leaf whose shape or presence differs."""
@@ -90,15 +96,41 @@ class Checkpointer:
     return restored["state"]
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with _naming_write_errors(self.directory):
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.close()
 
 
+def _os_error(e: BaseException) -> OSError | None:
+  """The OSError under an exception that orbax (or its threads) wrapped, if any."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    if isinstance(e, OSError):
+      return e
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return None
+
+
+@contextlib.contextmanager
+def _naming_write_errors(where):
+  """A failed checkpoint write (no space, no permission) becomes one OutputWriteError
+  naming the checkpoint and the cause, instead of orbax's traceback."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    os_error = _os_error(e)
+    if os_error is None:
+      raise
+    raise metric_writers.OutputWriteError(
+        f"cannot write the checkpoint {where}: {os_error.strerror or os_error}") from e
+
+
 def save_variables(path: str | epath.Path, variables) -> None:
   """Writes a finished stage's selected variables (what init_from and load_run read)."""
-  with ocp.StandardCheckpointer() as ckptr:
+  with _naming_write_errors(path), ocp.StandardCheckpointer() as ckptr:
     ckptr.save(epath.Path(path), variables, force=True)
 
 

@@ -118,20 +118,22 @@ def main(argv: list[str]) -> int:
     return parsed
   f, config = parsed
   # Imported here so that --help and flag errors answer without loading JAX.
-  from medguide_jax import checkpointing, parallel, train  # pylint: disable=g-import-not-at-top
+  from medguide_jax import (checkpointing, metric_writers, parallel,  # pylint: disable=g-import-not-at-top
+                            train)
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   parallel.initialize_distributed(f.coordinator.value, f.num_processes.value,
                                   f.process_id.value)
   try:
     train.train_and_evaluate(config, f.workdir.value)
-  except (train.ConfigError, checkpointing.CheckpointMismatchError) as e:
+  except (train.ConfigError, checkpointing.CheckpointMismatchError,
+          metric_writers.OutputPathError) as e:
     print(f"config error: {e}", file=sys.stderr)
     return 2
   except train.Preempted as e:
     logging.warning("%s", e)
     return train.EXIT_PREEMPTED
-  except train.NonFiniteError as e:
+  except (train.NonFiniteError, OSError) as e:  # OSError: disk full, permissions, ...
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import time
 
 import jax
@@ -15,14 +16,54 @@ def is_writer() -> bool:
   return jax.process_index() == 0
 
 
+class OutputPathError(ValueError):
+  """The output path holds something that is not a regular file (a device, FIFO, symlink,
+  directory): outputs replace regular files only. Exit code 2."""
+
+
+class OutputWriteError(OSError):
+  """An output could not be written (no space, no permission, ...). Exit code 1."""
+
+
+def check_output_path(path: str | os.PathLike) -> None:
+  """Raises OutputPathError unless `path` is absent or a regular file (local paths; object
+  stores such as gs:// hold only files)."""
+  text = os.fspath(path)
+  if "://" in text or not os.path.lexists(text):
+    return
+  st = os.lstat(text)
+  if not stat.S_ISREG(st.st_mode):
+    kind = ("a symbolic link" if stat.S_ISLNK(st.st_mode) else "a directory"
+            if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else
+            "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else
+            "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+    raise OutputPathError(f"{text} is {kind}; outputs replace regular files only: give "
+                          "another path or remove it")
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+  """Writes `text` to a temporary file beside `path`, then renames it over `path`, so a
+  reader never sees half a file. Only a regular file (or nothing) may be at `path`; a
+  failed write leaves `path` as it was and raises OutputWriteError naming it."""
+  path = epath.Path(path)
+  check_output_path(path)
+  tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
+  try:
+    tmp.write_text(text)
+    tmp.replace(path)
+  except OSError as e:
+    try:
+      tmp.unlink(missing_ok=True)
+    except OSError:
+      pass
+    raise OutputWriteError(f"cannot write {path}: {e.strerror or e}") from e
+
+
 def write_json_atomic(path: epath.Path, obj) -> None:
-  """Writes then renames, so a reader never sees half a file."""
+  """write_text_atomic of `obj` as indented JSON, from process 0 only."""
   if not is_writer():
     return
-  path = epath.Path(path)
-  tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
-  tmp.replace(path)
+  write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
 
 
 def _jsonable(x):
@@ -41,7 +82,11 @@ class MetricWriter:
       return
     self._truncate_after(resume_step)
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._tb = SummaryWriter(str(workdir), flush_secs=30)
+    # After a resume, a purge step tells TensorBoard to drop the earlier files' events past
+    # the restored step (a killed run logged them, the resumed one logs them again), so the
+    # event files read as one uninterrupted run, like metrics.jsonl.
+    self._tb = SummaryWriter(str(workdir), flush_secs=30,
+                             purge_step=resume_step + 1 if resume_step else None)
 
   def _truncate_after(self, step: int) -> None:
     """After a resume, lines past the restored step are dropped: the file reads as one run."""
@@ -50,7 +95,7 @@ class MetricWriter:
     lines = [l for l in self.path.read_text().splitlines() if l.strip()]
     kept = [l for l in lines if json.loads(l)["step"] <= step]
     if len(kept) != len(lines):
-      self.path.write_text("".join(l + "\n" for l in kept))
+      write_text_atomic(self.path, "".join(l + "\n" for l in kept))
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not is_writer():

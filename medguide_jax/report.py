@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import html
 import math
-import os
 import sys
 from typing import Sequence
 
@@ -326,23 +325,16 @@ def svg(report: dict) -> str:
 
 
 # --------------------------------------------------------------------------- outputs
-def _write_text_atomic(path: epath.Path, text: str) -> None:
-  """Write then rename in the same directory, as metric_writers.write_json_atomic."""
-  tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
-  tmp.write_text(text)
-  tmp.replace(path)
-
-
 def write_outputs(report: dict, prefix: str) -> list[str]:
   """PREFIX.json, PREFIX.md and (with a headline metric) PREFIX.svg; the paths written."""
   base = epath.Path(prefix)
   base.parent.mkdir(parents=True, exist_ok=True)
   paths = [base.parent / f"{base.name}.json", base.parent / f"{base.name}.md"]
   metric_writers.write_json_atomic(paths[0], report)
-  _write_text_atomic(paths[1], markdown(report))
+  metric_writers.write_text_atomic(paths[1], markdown(report))
   if report["headline"]:
     paths.append(base.parent / f"{base.name}.svg")
-    _write_text_atomic(paths[2], svg(report))
+    metric_writers.write_text_atomic(paths[2], svg(report))
   return [str(p) for p in paths]
 
 
@@ -358,7 +350,15 @@ def run(workdirs: Sequence[str], pairs: Sequence[str] = (), out: str = "") -> in
     return 2
   print(markdown(report), end="", flush=True)
   if out:
-    for path in write_outputs(report, out):
+    try:
+      written = write_outputs(report, out)
+    except metric_writers.OutputPathError as e:
+      print(f"report: {e}", file=sys.stderr)
+      return 2
+    except OSError as e:  # OutputWriteError, or the folder cannot be made
+      print(f"report: {e}", file=sys.stderr)
+      return 1
+    for path in written:
       print(f"wrote {path}", file=sys.stderr)
   return 0
 

@@ -137,7 +137,14 @@ def main(argv) -> int:
   summary = report(_WORKDIRS.value, _TARGET.value, _METRIC.value)
   print(markdown(summary))
   if _OUT.value:
-    metric_writers.write_json_atomic(epath.Path(_OUT.value), summary)
+    try:
+      metric_writers.write_json_atomic(epath.Path(_OUT.value), summary)
+    except metric_writers.OutputPathError as e:
+      print(f"ssl_report: {e}", file=sys.stderr)
+      return 2
+    except OSError as e:
+      print(f"ssl_report: {e}", file=sys.stderr)
+      return 1
   return 0
 
 

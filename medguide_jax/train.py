@@ -25,7 +25,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from medguide_jax import checkpointing, metric_writers, optim, parallel, paths, run_info, tasks
+from medguide_jax import (checkpointing, metric_writers, optim, parallel, paths, run_info, tasks,
+                          workdir_lock)
 from medguide_jax.data import builders, mixture, pipeline, sources
 from medguide_jax.validation import ConfigError, check_config
 from medguide_jax.evaluation import evaluators as evaluators_lib
@@ -665,7 +666,8 @@ def train_stage(setup: StageSetup, workdir: epath.Path) -> TrainState:
   data_iter = iter(train_ds)
   spec = setup.state_spec
   shardings = spec.shardings
-  ckpt = checkpointing.Checkpointer(setup.dir / "checkpoints", keep=stage.keep_checkpoints)
+  ckpt = checkpointing.Checkpointer(setup.dir / "checkpoints", keep=stage.keep_checkpoints,
+                                   owner=True)
   state = _restore_or_init(setup, ckpt, data_iter, spec, workdir)
   step_fn = jit_train_step(setup, spec.tx, shardings, state.model_state)
   first = int(state.step)
@@ -891,11 +893,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   finished = {s.name: _check_finished(s, config) for s in setups}
   records = {s.name: _resume_records(s, config, _check_state(s))
              for s in setups if not finished[s.name]}
+  lock = _hold_workdir(workdir)
+  try:
+    if metric_writers.is_writer():
+      metric_writers.write_json_atomic(workdir / "config.json", config.to_dict())
+      metric_writers.write_json_atomic(workdir / "run.json",
+                                       run_info.collect(config, setups[0].sources))
+    _barrier("workdir created")
+    _run_stages(setups, finished, records, workdir)
+    columns = [c for s in setups if s.task.in_table for c in s.task.columns]
+    return collect_results(workdir, [s.name for s in setups], list(dict.fromkeys(columns)))
+  finally:
+    lock.release()
+
+
+def _hold_workdir(workdir: epath.Path) -> workdir_lock.WorkdirLock:
+  """Creates the workdir and takes its lock (process 0, for every process); a workdir that
+  cannot be made, or that another live run holds, is exit 2 before anything is written."""
+  lock = workdir_lock.WorkdirLock(workdir, enabled=metric_writers.is_writer())
+  error = ""
   if metric_writers.is_writer():
-    workdir.mkdir(parents=True, exist_ok=True)
-    metric_writers.write_json_atomic(workdir / "config.json", config.to_dict())
-    metric_writers.write_json_atomic(workdir / "run.json", run_info.collect(config, setups[0].sources))
-  _barrier("workdir created")
+    try:
+      workdir.mkdir(parents=True, exist_ok=True)
+      lock.acquire()
+    except OSError as e:
+      error = f"workdir {workdir}: cannot create or write it: {e.strerror or e}"
+    except ConfigError as e:
+      error = str(e)
+  if jax.process_count() > 1:  # every process stops if process 0 could not take it
+    failed = multihost_utils.broadcast_one_to_all(np.int32(bool(error)))
+    error = error or ("process 0 could not take the workdir" if int(failed) else "")
+  if error:
+    raise ConfigError(error)
+  return lock
+
+
+def _run_stages(setups: list[StageSetup], finished: dict, records: dict,
+                workdir: epath.Path) -> None:
   _SIGNALLED.clear()  # a notebook may call again after a preemption
   old_handler = signal.signal(signal.SIGTERM, _on_sigterm)
   try:
@@ -910,8 +944,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       _barrier(f"stage {setup.name} finished")  # others read what process 0 wrote
   finally:
     signal.signal(signal.SIGTERM, old_handler)
-  columns = [c for s in setups if s.task.in_table for c in s.task.columns]
-  return collect_results(workdir, [s.name for s in setups], list(dict.fromkeys(columns)))
 
 
 def _barrier(name: str) -> None:

@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# Every subprocess and wait in the tests has this limit: a hang guard, not a performance
+# check (a busy machine may be many times slower). MEDGUIDE_TEST_HANG_GUARD_S changes it.
+HANG_GUARD_S = float(os.environ.get("MEDGUIDE_TEST_HANG_GUARD_S", "3600"))
 
 
 def tiny_guidance_config(stages=("inferior",), steps: int = 6, batch: int = 16):
@@ -40,7 +43,8 @@ def overrides(stages=("inferior",), steps: int = 6, batch: int = 16) -> list[str
 
 
 def run_main(workdir, args: list[str], *, devices: int = 8, env: dict | None = None,
-             config_arg: str = "dataset=synthetic,smoke,stages=inferior", timeout: int = 300,
+             config_arg: str = "dataset=synthetic,smoke,stages=inferior",
+             timeout: float = HANG_GUARD_S,
              check: bool = True, config_file: str = "configs/guidance.py"
              ) -> subprocess.CompletedProcess:
   """python -m medguide_jax.main with `devices` fake CPU devices; returns the process."""

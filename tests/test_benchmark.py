@@ -15,7 +15,7 @@ def test_benchmark_prints_one_json_line():
          "--config=configs/guidance.py:dataset=synthetic,smoke,stages=inferior",
          "--config.data.image_size=32", "--steps=2", "--pipeline_batches=2"]
   proc = subprocess.run(cmd, cwd=helpers.ROOT, env=env, capture_output=True, text=True,
-                        timeout=300)
+                        timeout=helpers.HANG_GUARD_S)
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
   assert len(lines) == 1
@@ -35,7 +35,7 @@ def test_benchmark_times_glam_inference_and_its_memory():
          "--config.model.crop_shape=(32,32)", "--config.stages.joint.eval_batch_size=4",
          "--steps=2", "--pipeline_batches=2"]
   proc = subprocess.run(cmd, cwd=helpers.ROOT, env=env, capture_output=True, text=True,
-                        timeout=300)
+                        timeout=helpers.HANG_GUARD_S)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][0])
   for key in ("inference_time_sec", "inference_flops", "inference_memory_gb", "step_memory_gb",

@@ -24,7 +24,7 @@ def _no_outputs(workdir) -> bool:
     ("--config.data.nmae=x", "nmae"),
 ])
 def test_bad_override_exits_2_and_writes_nothing(tmp_path, bad, message):
-  proc = helpers.run_main(tmp_path / "w", [bad], check=False, timeout=120)
+  proc = helpers.run_main(tmp_path / "w", [bad], check=False, timeout=helpers.HANG_GUARD_S)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert message in proc.stderr
   assert _no_outputs(tmp_path / "w")
@@ -44,7 +44,7 @@ def test_unbuilt_real_dataset_exits_2_with_the_build_command(tmp_path):
   assert _no_outputs(tmp_path / "w")
 
 
-def _wait_for_checkpoint(workdir, proc, timeout=240):
+def _wait_for_checkpoint(workdir, proc, timeout=helpers.HANG_GUARD_S):
   ckpt_dir = workdir / "inferior" / "checkpoints"
   deadline = time.time() + timeout
   while time.time() < deadline and proc.poll() is None:
@@ -75,7 +75,7 @@ def test_sigterm_saves_exits_75_and_resumes_to_the_same_result(reference_run, tm
   proc = _start(tmp_path, helpers.overrides(steps=24))
   _wait_for_checkpoint(tmp_path, proc)
   proc.send_signal(signal.SIGTERM)
-  out, err = proc.communicate(timeout=120)
+  out, err = proc.communicate(timeout=helpers.HANG_GUARD_S)
   if proc.returncode == 0:
     pytest.skip("the run finished before SIGTERM arrived")
   assert proc.returncode == 75, err[-3000:]
@@ -99,6 +99,12 @@ def _assert_same_run(a, b):
                              checkpointing.load_variables(b / "inferior" / "variables"))
   assert helpers.metrics_without_timing(a / "inferior" / "metrics.jsonl") == (
       helpers.metrics_without_timing(b / "inferior" / "metrics.jsonl"))
+  # TensorBoard's own reader sees one uninterrupted run: each step once, in order.
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  acc = event_accumulator.EventAccumulator(str(b / "inferior"))
+  acc.Reload()
+  steps = [e.step for e in acc.Scalars("train/loss")]
+  assert steps == list(range(1, 25)), steps
 
 
 def test_one_device_equals_eight(reference_run, tmp_path):
@@ -117,7 +123,7 @@ def test_two_processes_equal_one(tmp_path):
   helpers.run_main(one, helpers.overrides(steps=6, batch=16), devices=4)
   two = tmp_path / "two"
   code = local.launch_local(args + [f"--workdir={two}"], num_processes=2, devices_per_process=2,
-                            timeout=400)
+                            timeout=helpers.HANG_GUARD_S)
   assert code == 0
   np.testing.assert_allclose(helpers.losses(two / "inferior" / "metrics.jsonl"),
                              helpers.losses(one / "inferior" / "metrics.jsonl"), rtol=1e-5)

@@ -8,6 +8,8 @@ import sys
 import numpy as np
 from PIL import Image
 import pytest
+
+from tests import helpers
 import tensorflow_datasets as tfds
 
 from data_prep import derm7pt
@@ -205,7 +207,7 @@ def test_unknown_dataset_lists_valid_names(tmp_path):
 
 def _build_cli(*args):
   return subprocess.run([sys.executable, "-m", "data_prep.build", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=120)
+                        capture_output=True, text=True, timeout=helpers.HANG_GUARD_S)
 
 
 def test_cli_builds_and_prints_split_sizes(release, tmp_path):

@@ -35,7 +35,7 @@ def smoke_run(tmp_path_factory):
   for name in ("global_net", "local_net", "joint"):
     args += _stage_args(name, 4)
   proc = helpers.run_main(workdir, args, config_file="configs/glam.py", config_arg="smoke",
-                          timeout=900)
+                          timeout=helpers.HANG_GUARD_S)
   return workdir, proc
 
 

@@ -19,7 +19,7 @@ STAGES = ("inferior", "superior", "guidance", "guided", "guided_plus", "multimod
 def smoke_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("guidance_smoke")
   proc = helpers.run_main(workdir, helpers.overrides(stages=STAGES, steps=4),
-                          config_arg="dataset=synthetic,smoke", timeout=600)
+                          config_arg="dataset=synthetic,smoke", timeout=helpers.HANG_GUARD_S)
   return workdir, proc
 
 
@@ -66,7 +66,7 @@ def test_evaluate_cli_reprints_the_table(smoke_run):
   workdir, _ = smoke_run
   proc = subprocess.run([sys.executable, "-m", "medguide_jax.evaluate", f"--workdir={workdir}",
                          "--stages=inferior,guided_plus"], cwd=helpers.ROOT, capture_output=True,
-                        text=True, timeout=300)
+                        text=True, timeout=helpers.HANG_GUARD_S)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "| inferior |" in proc.stdout and "| guided_plus |" in proc.stdout
 

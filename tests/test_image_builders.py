@@ -22,6 +22,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 import pytest
 
+from tests import helpers
+
 from medguide_jax.data import builders
 from medguide_jax.data import images
 from medguide_jax.data import readers
@@ -562,7 +564,7 @@ def test_cli_builds_breastmnist(tmp_path):
   run = subprocess.run(
       [sys.executable, "-m", "data_prep.build", "breastmnist",
        f"--manual_dir={os.path.join(SHARED, 'medmnist_small')}", f"--data_dir={tmp_path}"],
-      cwd=REPO, capture_output=True, text=True, timeout=120)
+      cwd=REPO, capture_output=True, text=True, timeout=helpers.HANG_GUARD_S)
   assert run.returncode == 0, run.stderr
   for line in ("train: 546 examples", "validation: 78 examples", "test: 156 examples"):
     assert line in run.stdout

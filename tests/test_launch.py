@@ -9,10 +9,11 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from tests import helpers
 
 from launch import local
 
@@ -37,13 +38,13 @@ def _fake_bin(tmp_path: Path, scripts: dict[str, str]) -> dict[str, str]:
 
 def _tpu_pod(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
   return subprocess.run(["bash", str(LAUNCH / "tpu_pod.sh"), *args], capture_output=True,
-                        text=True, env=env, timeout=30)
+                        text=True, env=env, timeout=helpers.HANG_GUARD_S)
 
 
 @needs_bash
 @pytest.mark.parametrize("script", ["tpu_pod.sh", "slurm.sbatch"])
 def test_shell_syntax(script):
-  subprocess.run(["bash", "-n", str(LAUNCH / script)], check=True, timeout=30)
+  subprocess.run(["bash", "-n", str(LAUNCH / script)], check=True, timeout=helpers.HANG_GUARD_S)
 
 
 @needs_bash
@@ -98,7 +99,7 @@ def test_slurm_requeues_only_on_75(tmp_path, main_code):
                              "scontrol": 'echo "scontrol $*" >> "$LOG"\n'})
   env.update(SLURM_JOB_ID="4242", SLURM_GPUS_ON_NODE="4", SLURM_NTASKS_PER_NODE="1")
   proc = subprocess.run(["bash", str(LAUNCH / "slurm.sbatch"), *MAIN_ARGS], env=env,
-                        capture_output=True, text=True, timeout=30)
+                        capture_output=True, text=True, timeout=helpers.HANG_GUARD_S)
   assert proc.returncode == main_code, proc.stderr
   calls = (tmp_path / "calls.log").read_text()
   assert f"srun python -m medguide_jax.main {' '.join(MAIN_ARGS)}" in calls
@@ -159,18 +160,26 @@ def test_free_port():
   assert 0 < local.free_port() < 65536
 
 
-def test_launch_local_returns_first_failure(monkeypatch):
+def test_launch_local_returns_first_failure(monkeypatch, tmp_path):
   # Stand-in processes that exit at once: process 1 fails with 3, the others succeed.
   monkeypatch.setattr(local, "process_commands", lambda args, n, port: [
       [sys.executable, "-c", f"import sys; print('hi'); sys.exit({3 if i == 1 else 0})"]
       for i in range(n)])
-  assert local.launch_local(MAIN_ARGS, 3, 1, timeout=20) == 3
-  # A failure stops the peers (which would otherwise sleep for 30 s).
-  sleep = [sys.executable, "-c", "import time; time.sleep(30)"]
+  assert local.launch_local(MAIN_ARGS, 3, 1, timeout=helpers.HANG_GUARD_S) == 3
+  # A failure stops the peers, which would otherwise sleep for an hour: they are gone when
+  # it returns (checked by their pids, not by a clock).
+  pids = tmp_path / "pids"
+  pids.mkdir()
+  sleep = [sys.executable, "-c", f"import os, time; open(os.path.join({str(pids)!r}, "
+           "str(os.getpid())), 'w').close(); time.sleep(3600)"]
   monkeypatch.setattr(local, "process_commands", lambda args, n, port: [
-      [sys.executable, "-c", "import sys; sys.exit(5)"]] + [sleep] * (n - 1))
-  start = time.monotonic()
-  assert local.launch_local(MAIN_ARGS, 2, 1, timeout=20) == 5
-  assert time.monotonic() - start < 10
+      # The failing process waits for its peer to be up, so the check below has a pid.
+      [sys.executable, "-c", f"import os, sys, time\nwhile not os.listdir({str(pids)!r}): "
+       "time.sleep(0.05)\nsys.exit(5)"]] + [sleep] * (n - 1))
+  assert local.launch_local(MAIN_ARGS, 2, 1, timeout=helpers.HANG_GUARD_S) == 5
+  assert len(list(pids.iterdir())) == 1
+  for pid in (int(p.name) for p in pids.iterdir()):
+    with pytest.raises(ProcessLookupError):
+      os.kill(pid, 0)
   monkeypatch.setattr(local, "process_commands", lambda args, n, port: [sleep] * n)
   assert local.launch_local(MAIN_ARGS, 2, 1, timeout=0.5) == local.EXIT_TIMEOUT

@@ -105,7 +105,7 @@ def test_pretraining_on_8_devices_equals_1_device(tmp_path, sinkhorn):
     wd = str(tmp_path / f"d{devices}")
     code = _SHARDED.format(root=str(helpers.ROOT), sinkhorn=sinkhorn, workdir=wd)
     subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=helpers.ROOT,
-                   capture_output=True, timeout=600)
+                   capture_output=True, timeout=helpers.HANG_GUARD_S)
     losses[devices] = [(l["train/swav_loss"], l["train/code_entropy"])
                        for l in helpers.metrics_lines(tmp_path / f"d{devices}" / "pretrain" / "metrics.jsonl")]
   np.testing.assert_allclose(losses[1], losses[8], rtol=2e-5)

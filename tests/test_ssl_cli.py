@@ -33,7 +33,7 @@ def test_finetune_smoke_runs_every_downstream_kind(tmp_path):
     args += _stage_args(name, steps)
   args += [f"--config.stages.{n}.train_examples=64" for n in stages if n != "pretrain"]
   proc = helpers.run_main(tmp_path, args, config_file="configs/ssl_finetune.py",
-                          config_arg=f"smoke,stages={'+'.join(stages)}", timeout=900)
+                          config_arg=f"smoke,stages={'+'.join(stages)}", timeout=helpers.HANG_GUARD_S)
   results = json.loads((tmp_path / "results.json").read_text())
   models = [row["model"] for row in results["table"]]
   assert sorted(models) == ["finetune", "hybrid", "knn", "probe"]

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from tests import helpers
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from launch.local import REPO_ROOT, free_port, process_env
@@ -371,7 +373,7 @@ def test_codes_two_processes_equal_one_process(tmp_path):
   try:
     for procs, _ in runs:
       for p in procs:
-        logs.append(p.communicate(timeout=240)[0])
+        logs.append(p.communicate(timeout=helpers.HANG_GUARD_S)[0])
         assert p.returncode == 0, "\n".join(logs)[-6000:]
   finally:
     for procs, _ in runs:

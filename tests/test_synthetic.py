@@ -7,6 +7,8 @@ import sys
 import numpy as np
 from PIL import Image
 import pytest
+
+from tests import helpers
 import tensorflow_datasets as tfds
 
 from medguide_jax.data import builders, images
@@ -170,7 +172,7 @@ def test_parallel_prepare_generates_once(tmp_path):
   runs = [subprocess.Popen([sys.executable, "-c", code, os.fspath(tmp_path)], cwd=REPO,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
           for _ in range(2)]
-  outputs = [run.communicate(timeout=120) for run in runs]
+  outputs = [run.communicate(timeout=helpers.HANG_GUARD_S) for run in runs]
   for run, (out, err) in zip(runs, outputs):
     assert run.returncode == 0, err
     assert out.strip().endswith("30")

@@ -338,7 +338,7 @@ def test_accumulated_step_compiles_without_all_gathers_on_4_devices(tmp_path):
              JAX_DISABLE_MOST_OPTIMIZATIONS="0", JAX_COMPILATION_CACHE_DIR="")
   code = _HLO.format(root=str(helpers.ROOT), workdir=str(tmp_path))
   out = subprocess.run([sys.executable, "-c", code], env=env, cwd=helpers.ROOT, check=True,
-                       capture_output=True, text=True, timeout=1800).stdout
+                       capture_output=True, text=True, timeout=helpers.HANG_GUARD_S).stdout
   counts = dict(line.split() for line in out.splitlines() if line.split()[0] in
                 ("strided", "contiguous"))
   assert counts["strided"] == "0"

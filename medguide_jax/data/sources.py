@@ -1,5 +1,14 @@
-"""Random-access TFDS sources (ArrayRecord through tfds.data_source; no TensorFlow)."""
+"""Random-access TFDS sources (ArrayRecord through tfds.data_source; no TensorFlow).
+
+Each opened split is a `CheckedSource`: reading a corrupt or truncated ArrayRecord file raises
+`builders.CorruptDatasetError` naming the dataset, the split, the file and the command that
+rebuilds it, instead of the reader's bare Riegeli error. Opening reads the first record of
+each file, so a truncated file is reported before training starts, not in a grain worker.
+"""
 from __future__ import annotations
+
+import bisect
+import os
 
 import jax
 import ml_collections
@@ -53,12 +62,95 @@ def open_splits(data: ml_collections.ConfigDict, splits: tuple[str, ...]) -> dic
   """
   if data.name == "mixture":
     return _open_mixture(data, splits)
-  builder = _prepare(data)
+  return open_prepared(_prepare(data), data.name, splits, manual_dir=data.manual_dir or None)
+
+
+def open_prepared(builder, name: str, splits: tuple[str, ...], manual_dir=None) -> dict:
+  """{split: CheckedSource} of a prepared builder of dataset `name`; a CorruptDatasetError
+  if a file of these splits is missing or truncated (the first record of each is read)."""
   missing = [s for s in splits if s not in builder.info.splits]
   if missing:
-    raise ValueError(f"dataset {data.name!r} has no split(s) {missing}; "
+    raise ValueError(f"dataset {name!r} has no split(s) {missing}; "
                      f"it has {sorted(builder.info.splits)}")
-  return {s: builder.as_data_source(split=s) for s in splits}
+  rebuild = builders.rebuild_command(name, builder, manual_dir=manual_dir)
+  return {s: CheckedSource(builder.as_data_source(split=s), name=name, split=s,
+                           rebuild=rebuild, folder=os.fspath(builder.data_path)).probe()
+          for s in splits}
+
+
+class CheckedSource:
+  """A split's random-access source whose read errors name what is broken (a
+  `builders.CorruptDatasetError`); otherwise it reads and measures like the source it wraps.
+
+  Picklable (grain workers get a copy), and the error it raises pickles too, so it reaches
+  the trainer intact from a worker process.
+  """
+
+  # What the ArrayRecord/Riegeli reader raises for a corrupt, truncated or missing file
+  # (RuntimeError), plus decoding errors of a record whose bytes are damaged.
+  _READ_ERRORS = (RuntimeError, OSError, ValueError)
+
+  def __init__(self, source, *, name: str, split: str, rebuild: str, folder: str):
+    self.source = source
+    self.dataset_info = source.dataset_info  # what images.class_names and run.json read
+    self.name, self.split, self.rebuild, self.folder = name, split, rebuild, folder
+    shards = [f for f in source.dataset_info.splits[split].file_instructions if f.take > 0]
+    self.files = [os.fspath(f.filename) for f in shards]
+    self._starts = [0]  # first record index of each file
+    for f in shards[:-1]:
+      self._starts.append(self._starts[-1] + f.take)
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __repr__(self) -> str:
+    return f"CheckedSource({self.name!r}, split={self.split!r}, {len(self)} records)"
+
+  def __getitem__(self, index):
+    try:
+      return self.source[index]
+    except self._READ_ERRORS as e:
+      if not self._in_range([index]):
+        raise  # a caller's bad index, not a broken file
+      raise self._error([index], e) from e
+
+  def __getitems__(self, indices):
+    indices = list(indices)
+    try:
+      if hasattr(self.source, "__getitems__"):
+        return self.source.__getitems__(indices)
+      return [self.source[i] for i in indices]
+    except self._READ_ERRORS as e:
+      if not self._in_range(indices):
+        raise
+      raise self._error(indices, e) from e
+
+  def __iter__(self):
+    return (self[i] for i in range(len(self)))
+
+  def probe(self) -> "CheckedSource":
+    """Reads the first record of every file (which opens it): a truncated or missing file
+    fails here, in the main process, with the clear error."""
+    for start in self._starts[:len(self.files)]:
+      self[start]
+    return self
+
+  def file_of(self, index: int) -> str:
+    """The ArrayRecord file that holds record `index`."""
+    return self.files[bisect.bisect_right(self._starts, int(index)) - 1]
+
+  def _in_range(self, indices) -> bool:
+    return bool(self.files) and all(0 <= int(i) < len(self) for i in indices)
+
+  def _error(self, indices, cause: Exception) -> builders.CorruptDatasetError:
+    """The error for a failed read of `indices`: what, where, and how to rebuild it."""
+    files = sorted({self.file_of(i) for i in indices})
+    where = f"record {int(indices[0])}" if len(indices) == 1 else f"{len(indices)} records"
+    return builders.CorruptDatasetError(
+        f"dataset {self.name!r}, split {self.split!r}: cannot read {where} of the ArrayRecord "
+        f"file{'s' if len(files) > 1 else ''} {', '.join(files)}: it is corrupt or truncated "
+        f"({cause}). Rebuild the dataset (this deletes its folder {self.folder} and builds "
+        f"it again):\n  {self.rebuild}")
 
 
 def dataset_record(data: ml_collections.ConfigDict, sources: dict) -> dict:

@@ -84,10 +84,7 @@ def write_predictions(path: str, ids: list[str], outputs: dict) -> None:
     if local:
       row += [f"{outputs['y_local'][i, 0]:.4f}", f"{outputs['y_local'][i, 1]:.4f}"]
     writer.writerow(row)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(buf.getvalue())
-  os.replace(tmp, path)
+  metric_writers.write_text_atomic(path, buf.getvalue())
 
 
 # -- pictures (numpy + Pillow: no plotting library needed) -----------------------------------

@@ -20,6 +20,12 @@ any other key is an error. Conv weights go OIHW -> HWIO; BN weight/bias -> param
 scale/bias, running_mean/var -> batch_stats mean/var. Shapes are checked against the
 model's own initialisation.
 
+The local ResNet depth (18 or 34; `load_variables` and the command line infer it, as does
+`convert_state_dict(local_depth=None)`) is read from the whole set of `detection_network.*`
+keys: the depth whose required keys differ from the checkpoint's in the fewest names
+(`detect_local_depth`). A checkpoint with one key lost is thus still recognised and the
+error names that key; a key set that fits both depths equally well is an error.
+
 Command line (writes an .npz that `load_variables` reads; needs `pip install -e ".[torch]"`):
   python -m medguide_jax.models.glam_convert --checkpoint=models/model_sep.ckpt \
       --output=glam_sep.npz
@@ -149,14 +155,15 @@ def _is_ignored(name: str) -> bool:
           or name.endswith(".num_batches_tracked"))
 
 
-def convert_state_dict(state_dict: Mapping[str, Any], *, local_depth: int = 34,
+def convert_state_dict(state_dict: Mapping[str, Any], *, local_depth: int | None = 34,
                        global_widths: Sequence[int] = DEFAULT_GLOBAL_WIDTHS,
                        local_width: int = 64) -> dict[str, Any]:
   """The official PyTorch state dict -> GLAM variables {'params', 'batch_stats'}.
 
   Args:
     state_dict: name -> array (numpy, or anything np.asarray accepts).
-    local_depth: depth of the checkpoint's local ResNet (34 for the released models).
+    local_depth: depth of the checkpoint's local ResNet (34 for the released models);
+      None: inferred from the state dict's keys (`detect_local_depth`).
     global_widths, local_width: the architecture, for scaled-down test models.
 
   Returns:
@@ -165,8 +172,11 @@ def convert_state_dict(state_dict: Mapping[str, Any], *, local_depth: int = 34,
 
   Raises:
     ValueError: naming the missing keys, the unexpected keys, or a key whose shape does not
-      fit the model.
+      fit the model; or, for local_depth=None, a key set that fits no depth better than
+      another.
   """
+  if local_depth is None:
+    local_depth = detect_local_depth(state_dict)
   entries = _entries(local_depth, global_widths, local_width)
   known = {e.name for e in entries}
   missing = [e.name for e in entries if e.target is not None and e.name not in state_dict]
@@ -242,9 +252,45 @@ def save_variables(path: str, variables: Mapping[str, Any]) -> None:
     np.savez(f, **{k: np.asarray(v) for k, v in flat.items()})
 
 
-def _local_depth_of(state_dict: Mapping[str, Any]) -> int:
-  # Stage 3 of ResNet-34 has 6 blocks, ResNet-18's 2.
-  return 34 if "detection_network.dn_resnet.layer3.5.conv1.weight" in state_dict else 18
+_LOCAL_PREFIX = "detection_network."
+
+
+@functools.lru_cache(maxsize=None)
+def _local_required_keys(depth: int) -> frozenset[str]:
+  """Names of the local module's entries that `convert_state_dict` requires at `depth`."""
+  # Names do not depend on the width (projections sit where the width doubles).
+  return frozenset(e.name for e in _local_entries(depth, 64) if e.target is not None)
+
+
+def detect_local_depth(state_dict: Mapping[str, Any]) -> int:
+  """The local ResNet depth (18 or 34) whose key set best explains the state dict's.
+
+  Compares the required `detection_network.*` keys of every candidate depth with the
+  state dict's own (ignored keys such as num_batches_tracked left out) and picks the depth
+  with the fewest differing names, missing plus unexpected. ResNet-18's 101 names are a
+  subset of ResNet-34's 181, so a complete checkpoint of either depth differs from its own
+  depth in no name and from the other in 80: a few lost or stray keys leave the depth
+  recognised, and `convert_state_dict` at that depth then names exactly those keys.
+
+  Raises:
+    ValueError: the state dict has no `detection_network.*` keys, or two depths fit its
+      keys equally well (naming both).
+  """
+  given = {k for k in state_dict if k.startswith(_LOCAL_PREFIX) and not _is_ignored(k)}
+  if not given:
+    raise ValueError(f"GLAM state dict has no {_LOCAL_PREFIX}* (local module) keys: cannot "
+                     f"tell the local ResNet depth; expected those of ResNet-"
+                     f"{' or ResNet-'.join(map(str, sorted(glam_lib.LOCAL_STAGE_SIZES)))}")
+  differ = {depth: len(_local_required_keys(depth) ^ given)
+            for depth in sorted(glam_lib.LOCAL_STAGE_SIZES)}
+  fewest = min(differ.values())
+  best = [depth for depth, n in differ.items() if n == fewest]
+  if len(best) > 1:
+    raise ValueError(
+        f"cannot tell the local ResNet depth of the GLAM state dict: its {len(given)} "
+        f"{_LOCAL_PREFIX}* keys fit " + " and ".join(f"ResNet-{d}" for d in best)
+        + f" equally well ({fewest} missing or unexpected keys each); pass local_depth")
+  return best[0]
 
 
 def load_variables(path: str, *, like: Mapping[str, Any]) -> dict[str, Any]:
@@ -269,7 +315,7 @@ def load_variables(path: str, *, like: Mapping[str, Any]) -> dict[str, Any]:
       loaded = traverse_util.unflatten_dict({tuple(k.split("/")): data[k] for k in data.files})
   else:
     state = load_torch_checkpoint(path)
-    loaded = convert_state_dict(state, local_depth=_local_depth_of(state))
+    loaded = convert_state_dict(state, local_depth=detect_local_depth(state))
   return _match(loaded, like, path)
 
 
@@ -298,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help="18 or 34 (default: inferred from the checkpoint)")
   args = parser.parse_args(argv)
   state = load_torch_checkpoint(args.checkpoint)
-  depth = args.local_depth or _local_depth_of(state)
+  depth = args.local_depth or detect_local_depth(state)
   variables = convert_state_dict(state, local_depth=depth)
   save_variables(args.output, variables)
   n = sum(np.size(v) for v in jax.tree.leaves(variables))
