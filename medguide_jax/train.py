@@ -8,7 +8,6 @@ what to minimise and how to evaluate.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import re
 import signal
@@ -25,8 +24,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from medguide_jax import (checkpointing, metric_writers, optim, parallel, paths, run_info, tasks,
-                          workdir_lock)
+from medguide_jax import (checkpointing, metric_writers, optim, param_sources, parallel, paths,
+                          run_info, stage_records, tasks, workdir_lock)
 from medguide_jax.data import builders, mixture, pipeline, sources
 from medguide_jax.validation import ConfigError, check_config
 from medguide_jax.evaluation import evaluators as evaluators_lib
@@ -150,37 +149,6 @@ def make_train_step(task, tx, schedule, *, seed: int, accumulate: int, frozen_st
 
 
 # --------------------------------------------------------------------------- set-up
-def _stage_config(config, name: str) -> dict:
-  """The part of the config that defines stage `name` (what a rerun must not change)."""
-  flat = {k: v for k, v in _flatten(config.to_dict()).items()
-          if not k.startswith("stages.") and k not in _VOLATILE_KEYS}
-  flat.update({f"stages.{name}.{k}": v for k, v in _flatten(config.stages[name].to_dict()).items()
-               if k not in ("log_every", "eval_batch_size")})
-  return flat
-
-
-_VOLATILE_KEYS = ("resume", "profile_steps", "default_stage", "data.num_workers", "data.prefetch",
-                  "data.data_dir", "data.manual_dir", "allow_resume_changes")
-# Stage fields a resume may change (--config.allow_resume_changes=...): they do not change
-# what was already trained.
-RESUMABLE_KEYS = ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-                  "patience", "bootstrap")
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-  return out
-
-
-def _changed_keys(old: dict, new: dict) -> list[str]:
-  return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-
-
 def _frozen_state_mask(model_state: dict, freeze: str) -> dict:
   """Per collection (batch_stats, ...), which leaves belong to frozen modules."""
   return {col: optim.regex_mask(tree, freeze) if freeze else jax.tree.map(lambda _: False, tree)
@@ -196,152 +164,6 @@ def _abstract_global(batch: dict, global_batch_size: int, mesh) -> dict:
   sharding = parallel.batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct((global_batch_size,) + x.shape[1:], x.dtype,
                                                      sharding=sharding), batch)
-
-
-# --------------------------------------------------------------------------- init / restore
-def _source_stage_dir(workdir: epath.Path, source: str) -> epath.Path:
-  """init_from names a stage of this workdir, or a path to a finished stage directory."""
-  path = workdir / source if "/" not in source else epath.Path(source)
-  if not (path / "results.json").exists():
-    raise ConfigError(f"init_from/teacher_from {source!r}: {path} is not a finished stage "
-                      "(no results.json there)")
-  return path
-
-
-def init_rules(init_params: str, what: str = "init_params"
-               ) -> list[tuple[str, re.Pattern, str | None]]:
-  """Parses init_params: rules separated by ';', each '<target regex>' (take the same path)
-  or '<target regex>=<source template>' (take the source path the template gives from the
-  target's groups, e.g. 'img/(.*)=encoder/\\1'). '' is one rule taking every path. The '='
-  that splits a rule is the first whose left side compiles (so '(?=...)' stays a regex).
-  Returns (rule text, target regex, source template or None) per rule."""
-  rules = []
-  for text in filter(None, (r.strip() for r in (init_params or ".*").split(";"))):
-    for i in [i for i, ch in enumerate(text) if ch == "="] + [len(text)]:
-      try:
-        target = re.compile(text[:i])
-      except re.error:
-        continue
-      rules.append((text, target, text[i + 1:] if i < len(text) else None))
-      break
-    else:
-      raise ConfigError(f"{what}={init_params!r}: rule {text!r} is not a valid regex")
-  return rules
-
-
-def _init_source(key: str, rules, stored: dict[str, dict]) -> tuple[int, str, str] | None:
-  """(rule index, source name, source key) for a target key '<collection>/<path>': the first
-  rule whose regex fullmatches the path and whose source path exists in some init_from."""
-  collection, _, path = key.partition("/")
-  for r, (_, target, template) in enumerate(rules):
-    m = target.fullmatch(path)
-    if m is None:
-      continue
-    source_key = f"{collection}/{m.expand(template) if template is not None else path}"
-    for name, flat in stored.items():
-      if source_key in flat:
-        return r, name, source_key
-  return None
-
-
-def _read_sources(workdir: epath.Path, spec: str, what: str) -> dict[str, dict[str, Any]]:
-  """{source: {'<collection>/<path>': array}} of a comma-separated init_from / teacher_from:
-  finished stages (their saved variables) or .npz files of '/'-joined keys (converted
-  checkpoints)."""
-  out = {}
-  for source in filter(None, (x.strip() for x in spec.split(","))):
-    if source.endswith(".npz"):
-      if not epath.Path(source).exists():
-        raise ConfigError(f"{what} {source!r}: no such file")
-      with np.load(source) as f:
-        out[source] = {k: f[k] for k in f.files}
-    else:
-      out[source] = paths.flatten(checkpointing.load_variables(
-          _source_stage_dir(workdir, source) / "variables"))
-  return out
-
-
-def _map_from(variables: dict, stored: dict, rules, what: str) -> tuple[dict, set[str]]:
-  """`variables` with each leaf some rule maps to a stored array replaced by it (first rule,
-  then first source, wins); also the keys that were replaced. A rule that loads nothing is
-  an error listing the modules the sources hold."""
-  used, rules_used = set(), set()
-
-  def take(path, leaf):
-    key = paths.path_str(path)
-    found = _init_source(key, rules, stored)
-    if found is None:
-      return leaf
-    r, source, source_key = found
-    value = stored[source][source_key]
-    if tuple(value.shape) != tuple(leaf.shape):
-      raise ConfigError(f"{what} {source!r}: {source_key} has shape {value.shape}, "
-                        f"the config's {key} wants {leaf.shape}")
-    used.add(key)
-    rules_used.add(r)
-    return jnp.asarray(value, leaf.dtype)
-
-  out = jax.tree_util.tree_map_with_path(take, variables)
-  unused = [text for r, (text, _, _) in enumerate(rules) if r not in rules_used]
-  if unused:
-    have = sorted({k.partition("/")[2].rsplit("/", 1)[0] for f in stored.values() for k in f})
-    raise ConfigError(f"{what}: rule(s) {unused} loaded no parameter of this stage; the "
-                      f"sources hold modules {have[:40]}{' ...' if len(have) > 40 else ''}")
-  return out, used
-
-
-def _load_init(variables: dict, stage, workdir: epath.Path) -> dict:
-  """Overwrites leaves of `variables` with those of the init_from stages, mapped by the
-  init_params rules."""
-  stored = _read_sources(workdir, stage.init_from, "init_from")
-  out, used = _map_from(variables, stored, init_rules(stage.init_params),
-                        f"init_from {stage.init_from!r}: init_params")
-  logging.info("init_from %s: %d arrays loaded", stage.init_from, len(used))
-  return out
-
-
-def content_hash(flat: dict[str, Any]) -> str:
-  """sha256 over a flat {key: array} mapping (keys, dtypes, shapes and bytes, in key order)."""
-  digest = hashlib.sha256()
-  for key in sorted(flat):
-    value = np.ascontiguousarray(flat[key])
-    digest.update(f"{key}|{value.dtype.str}|{value.shape}|".encode())
-    digest.update(value.tobytes())
-  return digest.hexdigest()
-
-
-def _check_teacher_record(setup, hashes: dict[str, str]) -> None:
-  """W/<stage>/teacher.json records the teacher sources' content hashes at first load; a
-  later load (a resume) must find the same content."""
-  record = setup.dir / "teacher.json"
-  if record.exists():
-    old = metric_writers.read_json(record)["sha256"]
-    changed = sorted(k for k in set(old) | set(hashes) if old.get(k) != hashes.get(k))
-    if changed:
-      raise ConfigError(f"stages.{setup.name}.teacher_from: the content of {changed} changed "
-                        f"since this stage first loaded it (recorded in {record}); resuming "
-                        "would train against another teacher. Restore the source, or use a "
-                        "new workdir.")
-  elif metric_writers.is_writer():
-    setup.dir.mkdir(parents=True, exist_ok=True)
-    metric_writers.write_json_atomic(record, {"teacher_from": setup.stage.teacher_from,
-                                              "sha256": hashes})
-
-
-def _load_teacher(setup, spec, workdir: epath.Path) -> dict:
-  """The frozen teacher: every leaf of the task's teacher structure from `teacher_from`,
-  mapped by `teacher_params` (init_params' syntax), sharded like the parameters."""
-  stage = setup.stage
-  stored = _read_sources(workdir, stage.teacher_from, "teacher_from")
-  _check_teacher_record(setup, {k: content_hash(v) for k, v in stored.items()})
-  what = f"teacher_from {stage.teacher_from!r}: teacher_params"
-  teacher, used = _map_from(spec.abstract.teacher, stored,
-                            init_rules(stage.get("teacher_params", "")), what)
-  missing = [k for k in paths.paths(spec.abstract.teacher) if k not in used]
-  if missing:
-    raise ConfigError(f"{what} left teacher variables unloaded: {paths.examples(missing)}")
-  logging.info("[%s] teacher from %s: %d arrays", setup.name, stage.teacher_from, len(used))
-  return jax.device_put(teacher, spec.shardings.teacher)
 
 
 def resolve_stage(stage: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -411,8 +233,8 @@ class StageSetup:
       raise ConfigError(f"stages.{name} ({stage.task}): {e}") from e
     self.metric_keys = self._check_metric_keys()
     # A bad regex is exit 2 now, not after the first stages have run.
-    init_rules(stage.init_params, f"stages.{name}.init_params")
-    init_rules(stage.get("teacher_params", ""), f"stages.{name}.teacher_params")
+    param_sources.init_rules(stage.init_params, f"stages.{name}.init_params")
+    param_sources.init_rules(stage.get("teacher_params", ""), f"stages.{name}.teacher_params")
     self.example_fn = self.task.example_fn
 
   def _check_metric_keys(self) -> set[str]:
@@ -528,7 +350,10 @@ def _restore_or_init(setup: StageSetup, ckpt: checkpointing.Checkpointer, data_i
                      spec: StateSpec, workdir: epath.Path) -> TrainState:
   """Restore order: this stage's checkpoint, config.resume, init_from, scratch. The teacher
   is loaded from `teacher_from` in every case (checkpoints do not hold it)."""
-  teacher = _load_teacher(setup, spec, workdir) if setup.stage.get("teacher_from") else {}
+  teacher = {}
+  if setup.stage.get("teacher_from"):
+    teacher = param_sources.load_teacher(setup.stage, setup.name, setup.dir, spec.abstract.teacher,
+                                         spec.shardings.teacher, workdir)
   step, state = ckpt.restore_latest(_checkpointed(spec.abstract), data_iter)
   if state is not None:
     logging.info("[%s] resumed from %s at step %d", setup.name, ckpt.directory, step)
@@ -544,7 +369,8 @@ def _restore_or_init(setup: StageSetup, ckpt: checkpointing.Checkpointer, data_i
   state = jax.jit(spec.fresh, out_shardings=spec.shardings)(init_key(setup.config.seed))
   state = state.replace(teacher=teacher)
   if setup.stage.init_from:
-    variables = _load_init({"params": state.params, **state.model_state}, setup.stage, workdir)
+    variables = param_sources.load_init({"params": state.params, **state.model_state},
+                                        setup.stage, workdir)
     params = variables.pop("params")
     # Optimiser slots (momenta) start at zero whatever the parameters, so opt_state stays.
     state = jax.device_put(state.replace(params=params, model_state=variables), spec.shardings)
@@ -758,61 +584,6 @@ def markdown_table(table: list[dict], columns: list[str]) -> str:
 
 
 # --------------------------------------------------------------------------- stages
-def _stage_records(setup: StageSetup) -> list[dict]:
-  """W/<stage>/stage_config.json: every config the stage ran under, in order, each with the
-  step it took effect ([] before the first start; a single dict is the old format)."""
-  path = setup.dir / "stage_config.json"
-  if not path.exists():
-    return []
-  saved = metric_writers.read_json(path)
-  return saved if isinstance(saved, list) else [{"step": 0, "config": saved}]
-
-
-def _allowed_resume_changes(config) -> set[str]:
-  allowed = {k.strip() for k in config.get("allow_resume_changes", "").split(",") if k.strip()}
-  bad = sorted(allowed - set(RESUMABLE_KEYS))
-  if bad:
-    raise ConfigError(f"allow_resume_changes={config.allow_resume_changes!r}: {bad} would change "
-                      f"what was already trained; only {list(RESUMABLE_KEYS)} may change on resume")
-  return allowed
-
-
-def _check_finished(setup: StageSetup, config) -> bool:
-  """True if the stage is done; a changed config for a done stage is an error."""
-  if not (setup.dir / "results.json").exists():
-    return False
-  records = _stage_records(setup)
-  changed = _changed_keys(records[-1]["config"] if records else {},
-                          _stage_config(config, setup.name))
-  if changed:
-    raise ConfigError(f"stage {setup.name!r} in {setup.dir} is finished, but these config keys "
-                      f"changed since: {', '.join(changed)}. Use a new workdir, or delete "
-                      f"{setup.dir} to rerun it.")
-  return True
-
-
-def _resume_records(setup: StageSetup, config, resume_step: int) -> list[dict] | None:
-  """The stage records to write before training: a fresh start's one entry, a resume's with
-  its allowed changes appended, or None (nothing to write). A resume with other changes is
-  an error naming them."""
-  new = _stage_config(config, setup.name)
-  records = _stage_records(setup)
-  if not resume_step or not records:
-    return [{"step": 0, "config": new}]
-  changed = _changed_keys(records[-1]["config"], new)
-  if not changed:
-    return None
-  allowed = _allowed_resume_changes(config)
-  refused = [k for k in changed if k.rsplit(".", 1)[-1] not in allowed]
-  if refused:
-    raise ConfigError(
-        f"stage {setup.name!r} in {setup.dir} has a checkpoint at step {resume_step}, and these "
-        f"config keys changed since it started: {', '.join(refused)}. A resume must not change "
-        f"what was trained: use a new workdir, or allow keys of {list(RESUMABLE_KEYS)} with "
-        "--config.allow_resume_changes=key1,key2.")
-  return records + [{"step": resume_step, "config": new}]
-
-
 def _check_sources(setup: StageSetup) -> None:
   """init_from / teacher_from sources given as paths exist (stage names are checked by
   check_config and run first)."""
@@ -822,7 +593,7 @@ def _check_sources(setup: StageSetup) -> None:
         if not epath.Path(source).exists():
           raise ConfigError(f"stages.{setup.name}.{key}: {source} does not exist")
       elif "/" in source:
-        _source_stage_dir(setup.dir.parent, source)
+        param_sources.source_stage_dir(setup.dir.parent, source)
 
 
 def _check_state(setup: StageSetup) -> int:
@@ -884,14 +655,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   NonFiniteError (last good checkpoint kept).
   """
   check_config(config)
-  _allowed_resume_changes(config)
+  stage_records.allowed_resume_changes(config)
   workdir = _absolute(workdir)
   mesh = parallel.make_mesh()
   data_sources = open_sources(config)  # once: every stage reads the same dataset
   setups = [StageSetup(config, name, workdir, mesh, data_sources) for name in stage_order(config)]
   _check_columns(setups)
-  finished = {s.name: _check_finished(s, config) for s in setups}
-  records = {s.name: _resume_records(s, config, _check_state(s))
+  finished = {s.name: stage_records.check_finished(s, config) for s in setups}
+  records = {s.name: stage_records.resume_records(s, config, _check_state(s))
              for s in setups if not finished[s.name]}
   lock = _hold_workdir(workdir)
   try:

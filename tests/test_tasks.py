@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from medguide_jax import checkpointing, train
+from medguide_jax import checkpointing, param_sources, train
 from medguide_jax.data import decoders
 from medguide_jax.evaluation import evaluators
 from medguide_jax.evaluation import metrics as metrics_lib
@@ -228,13 +228,13 @@ def test_init_params_maps_a_tower_from_another_methods_encoder(tmp_path):
                  "head": {"bias": np.ones(3, np.float32)}},
       "batch_stats": {"encoder": {"bn": {"mean": np.full(2, 5.0, np.float32)}}}})
   stage = ml_collections.ConfigDict({"init_from": src, "init_params": r"img/(.*)=encoder/\1"})
-  out = train._load_init(_target(), stage, tmp_path)  # pylint: disable=protected-access
+  out = param_sources.load_init(_target(), stage, tmp_path)
   np.testing.assert_array_equal(out["params"]["img"]["conv"]["kernel"], 3.0)
   np.testing.assert_array_equal(out["batch_stats"]["img"]["bn"]["mean"], 5.0)
   np.testing.assert_array_equal(out["params"]["head"]["bias"], 0.0)  # not selected
   # Two rules: the map and a plain filter (same path).
   stage.init_params = r"img/(.*)=encoder/\1; head/.*"
-  out = train._load_init(_target(), stage, tmp_path)  # pylint: disable=protected-access
+  out = param_sources.load_init(_target(), stage, tmp_path)
   np.testing.assert_array_equal(out["params"]["head"]["bias"], 1.0)
 
 
@@ -244,17 +244,17 @@ def test_an_init_params_rule_that_loads_nothing_lists_the_source_modules(tmp_pat
   stage = ml_collections.ConfigDict({"init_from": src, "init_params": r"img/(.*)=enc/\1"})
   with pytest.raises(train.ConfigError, match=r"rule\(s\) \['img/\(\.\*\)=enc/\\\\1'\].*"
                                               r"encoder/conv"):
-    train._load_init(_target(), stage, tmp_path)  # pylint: disable=protected-access
+    param_sources.load_init(_target(), stage, tmp_path)
   stage.init_params = r"img/(.*)=encoder/\1"
   bad = {"params": {"img": {"conv": {"kernel": np.zeros((3, 3), np.float32)}}}}
   with pytest.raises(train.ConfigError, match="encoder/conv/kernel has shape"):
-    train._load_init(bad, stage, tmp_path)  # pylint: disable=protected-access
+    param_sources.load_init(bad, stage, tmp_path)
 
 
 def test_init_rules_split_at_the_first_equals_that_leaves_a_regex():
-  rules = train.init_rules(r"a(?=b)\w+=x/\g<0>; enc/.*")
+  rules = param_sources.init_rules(r"a(?=b)\w+=x/\g<0>; enc/.*")
   assert rules[0][1].pattern == r"a(?=b)\w+" and rules[0][2] == r"x/\g<0>"
   assert rules[1][1].pattern == "enc/.*" and rules[1][2] is None
-  assert [r[1].pattern for r in train.init_rules("")] == [".*"]
+  assert [r[1].pattern for r in param_sources.init_rules("")] == [".*"]
   with pytest.raises(train.ConfigError, match="not a valid regex"):
-    train.init_rules("enc/(")
+    param_sources.init_rules("enc/(")
