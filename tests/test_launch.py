@@ -111,8 +111,22 @@ def test_slurm_directives():
   assert "#SBATCH --requeue" in text and "#SBATCH --signal=TERM@" in text
 
 
-def test_notebook_structure_and_code_compiles():
-  nb = json.loads((LAUNCH / "explore_guidance.ipynb").read_text())
+# Each method's notebook and what its code must use (it explores a finished run).
+NOTEBOOKS = {
+    "explore_guidance.ipynb": ("medguide_jax.load_run(WORKDIR)", "results.json", "metrics.jsonl",
+                               'dataset("test", train=False)', "run.predict("),
+    "explore_ssl.ipynb": ("medguide_jax.load_run(WORKDIR)", "results.json", "metrics.jsonl",
+                          'dataset("test", train=False)', "run.predict(", "robust/",
+                          "train/swav_loss"),
+    "explore_glam.ipynb": ("medguide_jax.load_run(WORKDIR)", "results.json", "metrics.jsonl",
+                           'dataset("test", train=False)', "run.predict(", "picture_maps(",
+                           "visualization", "dice_per_image("),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NOTEBOOKS))
+def test_notebook_structure_and_code_compiles(name):
+  nb = json.loads((LAUNCH / name).read_text())
   assert nb["nbformat"] == 4 and isinstance(nb["metadata"], dict)
   code_cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
   assert code_cells and all(c["cell_type"] in ("code", "markdown") for c in nb["cells"])
@@ -124,9 +138,8 @@ def test_notebook_structure_and_code_compiles():
     compile(src, f"<code cell {i}>", "exec")
     sources.append(src)
   code = "\n".join(sources)
-  for part in ("medguide_jax.load_run(WORKDIR)", "results.json", "metrics.jsonl",
-               'dataset("test", train=False)', "run.predict("):
-    assert part in code
+  for part in NOTEBOOKS[name]:
+    assert part in code, part
 
 
 def test_process_commands():
