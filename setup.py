@@ -31,11 +31,14 @@ setup(
         "tensorboardX>=2.6",    # TensorBoard events without TensorFlow
         "psutil>=5.9",          # peak host memory in the benchmark
         "scipy>=1.11",          # mammogram cropping (connected components, erosion)
+        "scikit-image>=0.22",   # slides: polygon masks, Otsu's tissue threshold
+        "openslide-python>=1.3",  # whole-slide images (.svs, .tif, .ndpi, .mrxs, ...)
+        "openslide-bin>=4.0",   # the OpenSlide library itself, as a wheel
     ],
     extras_require={
         # tensorboard: the tests read the event files with TensorBoard's own reader.
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "pydicom>=2.4", "nibabel>=5.0",
-                "tensorboard>=2.14"],
+                "tensorboard>=2.14", "tifffile>=2023.1"],  # tifffile: pyramidal test slides
         "gpu": ["jax[cuda12]>=0.10.0,<0.12"],
         "tpu": ["jax[tpu]>=0.10.0,<0.12"],
         "dicom": ["pydicom>=2.4"],
