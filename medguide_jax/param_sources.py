@@ -19,7 +19,7 @@ from absl import logging
 from etils import epath
 
 from medguide_jax import checkpointing, metric_writers, paths
-from medguide_jax.validation import ConfigError
+from medguide_jax.validation import ConfigError, source_names
 
 
 def source_stage_dir(workdir: epath.Path, source: str) -> epath.Path:
@@ -67,16 +67,31 @@ def _init_source(key: str, rules, stored: dict[str, dict]) -> tuple[int, str, st
   return None
 
 
+def _npz(source: str, what: str) -> str:
+  """A converted-checkpoint source, checked to exist."""
+  if not epath.Path(source).exists():
+    raise ConfigError(f"{what} {source!r}: no such file")
+  return source
+
+
+def check_sources(spec: str, workdir: epath.Path, what: str) -> None:
+  """The sources of `spec` given as paths (.npz files, finished stage directories) exist;
+  stage names of the config are left to run first."""
+  for source in source_names(spec):
+    if source.endswith(".npz"):
+      _npz(source, what)
+    elif "/" in source:
+      source_stage_dir(workdir, source)
+
+
 def read_sources(workdir: epath.Path, spec: str, what: str) -> dict[str, dict[str, Any]]:
   """{source: {'<collection>/<path>': array}} of a comma-separated init_from / teacher_from:
   finished stages (their saved variables) or .npz files of '/'-joined keys (converted
   checkpoints)."""
   out = {}
-  for source in filter(None, (x.strip() for x in spec.split(","))):
+  for source in source_names(spec):
     if source.endswith(".npz"):
-      if not epath.Path(source).exists():
-        raise ConfigError(f"{what} {source!r}: no such file")
-      with np.load(source) as f:
+      with np.load(_npz(source, what)) as f:
         out[source] = {k: f[k] for k in f.files}
     else:
       out[source] = paths.flatten(checkpointing.load_variables(

@@ -8,7 +8,7 @@ RESUMABLE_KEYS named in --config.allow_resume_changes, which are appended as a n
 from __future__ import annotations
 
 from medguide_jax import metric_writers
-from medguide_jax.validation import ConfigError
+from medguide_jax.validation import ConfigError, flat_config
 
 
 def stage_config(config, name: str) -> dict:
@@ -28,14 +28,9 @@ RESUMABLE_KEYS = ("num_steps", "log_every", "eval_every", "checkpoint_every", "k
                   "patience", "bootstrap")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-  return out
+def _flatten(d: dict) -> dict:
+  """flat_config with tuples as lists: the form the record takes once read back from JSON."""
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in flat_config(d).items()}
 
 
 def changed_keys(old: dict, new: dict) -> list[str]:

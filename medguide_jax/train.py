@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils
 from medguide_jax import (checkpointing, metric_writers, optim, param_sources, parallel, paths,
                           run_info, stage_records, tasks, workdir_lock)
 from medguide_jax.data import builders, mixture, pipeline, sources
-from medguide_jax.validation import ConfigError, check_config
+from medguide_jax.validation import ConfigError, check_config, source_names
 from medguide_jax.evaluation import evaluators as evaluators_lib
 
 EXIT_PREEMPTED = 75
@@ -584,23 +584,13 @@ def markdown_table(table: list[dict], columns: list[str]) -> str:
 
 
 # --------------------------------------------------------------------------- stages
-def _check_sources(setup: StageSetup) -> None:
-  """init_from / teacher_from sources given as paths exist (stage names are checked by
-  check_config and run first)."""
-  for key in ("init_from", "teacher_from"):
-    for source in filter(None, (x.strip() for x in setup.stage.get(key, "").split(","))):
-      if source.endswith(".npz"):
-        if not epath.Path(source).exists():
-          raise ConfigError(f"stages.{setup.name}.{key}: {source} does not exist")
-      elif "/" in source:
-        param_sources.source_stage_dir(setup.dir.parent, source)
-
-
 def _check_state(setup: StageSetup) -> int:
   """The stage's state is buildable (optimiser regexes, teacher, FSDP rules) and a stage
   checkpoint that does not fit the config is an error, before anything is written.
   Returns the newest checkpoint's step (0 if none)."""
-  _check_sources(setup)
+  for key in ("init_from", "teacher_from"):  # sources given as paths exist
+    param_sources.check_sources(setup.stage.get(key, ""), setup.dir.parent,
+                                f"stages.{setup.name}.{key}")
   ckpt_dir = setup.dir / "checkpoints"
   abstract = _checkpointed(setup.state_spec.abstract)  # built (and cached) now
   if not ckpt_dir.exists():
@@ -620,8 +610,8 @@ def _check_state(setup: StageSetup) -> int:
 
 def _dependencies(config, name: str) -> set[str]:
   stage = config.stages[name]
-  sources = f"{stage.init_from},{stage.get('teacher_from', '')}"
-  return {s.strip() for s in sources.split(",")} & set(config.stages)
+  return set(source_names(f"{stage.init_from},{stage.get('teacher_from', '')}")) & set(
+      config.stages)
 
 
 def stage_order(config) -> list[str]:

@@ -22,14 +22,20 @@ class ConfigError(ValueError):
   """Bad config or workdir contents, found before anything is written (exit code 2)."""
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+def flat_config(d: dict, prefix: str = "") -> dict[str, Any]:
+  """A nested config dict as {'a.b.c': value}."""
   out = {}
   for k, v in d.items():
     if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
+      out.update(flat_config(v, f"{prefix}{k}."))
     else:
       out[f"{prefix}{k}"] = v
   return out
+
+
+def source_names(spec: str) -> list[str]:
+  """The entries of a comma-separated init_from / teacher_from (stage names or paths)."""
+  return [s.strip() for s in spec.split(",") if s.strip()]
 
 
 def _numbers(value) -> list:
@@ -86,14 +92,14 @@ _SELECT = re.compile(r"(min|max):val/.+")
 
 def _check_references(name: str, key: str, spec: str, stages) -> None:
   """init_from / teacher_from: stage names of this config, or paths ('/' in them)."""
-  for source in filter(None, (s.strip() for s in spec.split(","))):
+  for source in source_names(spec):
     if "/" not in source and source not in stages:
       raise ConfigError(f"stages.{name}.{key}={spec!r}: {source!r} is no stage of this config "
                         f"(stages: {sorted(stages)}) and not a path (a path holds '/')")
 
 
 def _check_stage(name: str, stage: ml_collections.ConfigDict, stages) -> None:
-  flat = _flat(stage.to_dict())
+  flat = flat_config(stage.to_dict())
   prefix = f"stages.{name}"
   for key, rule in _STAGE_RANGES.items():
     if key in flat:
@@ -109,7 +115,7 @@ def _check_stage(name: str, stage: ml_collections.ConfigDict, stages) -> None:
                       f"num_steps={stage.num_steps}")
   for key in ("init_from", "teacher_from"):
     _check_references(name, key, stage.get(key, ""), stages)
-  if name in {s.strip() for s in f"{stage.init_from},{stage.get('teacher_from', '')}".split(",")}:
+  if name in source_names(f"{stage.init_from},{stage.get('teacher_from', '')}"):
     raise ConfigError(f"{prefix}: a stage cannot init_from or teacher_from itself")
   for key, value in flat.items():  # probabilities anywhere in the stage block
     if key.rsplit(".", 1)[-1].endswith(("_p", "dropout")):
@@ -118,7 +124,7 @@ def _check_stage(name: str, stage: ml_collections.ConfigDict, stages) -> None:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for the first mistake in the experiment config (see module doc)."""
-  flat = _flat(config.to_dict())
+  flat = flat_config(config.to_dict())
   _check_finite(flat)
   if config.get("compute_dtype", "float32") not in COMPUTE_DTYPES:
     raise ConfigError(f"compute_dtype={config.compute_dtype!r}: valid: {list(COMPUTE_DTYPES)}")
