@@ -118,8 +118,9 @@ def time_step(setup) -> dict:
   """Compile and time the stage's train step on one device-resident batch."""
   train_ds = setup.dataset("train", train=True)
   host_batch = next(iter(train_ds))
-  abstract, shardings, fresh, tx = train.init_state(setup, host_batch)
-  state = jax.jit(fresh, out_shardings=shardings)(train.init_key(0))
+  spec = train.init_state(setup, host_batch)
+  abstract, shardings, tx = spec.abstract, spec.shardings, spec.tx
+  state = spec.initial(train.init_key(0))
   step = train.jit_train_step(setup, tx, shardings, state.model_state)
   batch = parallel.to_global(host_batch, setup.mesh)
   t = time.perf_counter()

@@ -294,8 +294,12 @@ def init_key(seed: int) -> jax.Array:
 class StateSpec(NamedTuple):
   abstract: TrainState    # ShapeDtypeStructs with shardings
   shardings: TrainState
-  fresh: Any              # rng -> the initial TrainState (teacher: the task's placeholder)
+  fresh: Any              # rng -> the initial TrainState without its teacher ({})
   tx: optax.GradientTransformation
+
+  def initial(self, rng) -> TrainState:
+    """The initial state on its shardings, teacher {} (it is loaded, never initialised)."""
+    return jax.jit(self.fresh, out_shardings=_checkpointed(self.shardings))(rng)
 
 
 def _checkpointed(state: TrainState) -> TrainState:
@@ -327,13 +331,15 @@ def init_state(setup: StageSetup, example: dict) -> StateSpec:
     params = variables.pop("params")
     keep = {"params": params, "model_state": variables} if stage.select else {}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
-                      extra=task.init_extra(), teacher=task.init_teacher(rng, batch) or {},
+                      extra=task.init_extra(), teacher={},
                       opt_state=tx.init(params), best=keep,
                       best_score=jnp.asarray(np.inf if lower_better else -np.inf, jnp.float32),
                       best_step=jnp.zeros((), jnp.int32), evals_since_best=jnp.zeros((), jnp.int32),
                       bad_step=-jnp.ones((), jnp.int32))
 
-  abstract = jax.eval_shape(fresh, init_key(0))
+  # The teacher's structure comes from its abstract init alone: fresh states leave it out
+  # (random teacher weights would be computed only to be replaced by the loaded ones).
+  abstract = jax.eval_shape(fresh, init_key(0)).replace(teacher=teacher or {})
   names = paths.paths(abstract.params) + [
       k.partition("/")[2] for k in paths.paths(abstract.teacher)]  # FSDP rules see both
   try:
@@ -366,8 +372,7 @@ def _restore_or_init(setup: StageSetup, ckpt: checkpointing.Checkpointer, data_i
                         f"{setup.name!r}")
     logging.info("[%s] resumed from %s at step %d", setup.name, other.directory, step)
     return state.replace(teacher=teacher)
-  state = jax.jit(spec.fresh, out_shardings=spec.shardings)(init_key(setup.config.seed))
-  state = state.replace(teacher=teacher)
+  state = spec.initial(init_key(setup.config.seed)).replace(teacher=teacher)
   if setup.stage.init_from:
     variables = param_sources.load_init({"params": state.params, **state.model_state},
                                         setup.stage, workdir)
