@@ -110,6 +110,13 @@ class MetricWriter:
       if k != "step" and math.isfinite(v):
         self._tb.add_scalar(k, v, step)
 
+  def flush(self) -> None:
+    """Puts the buffered TensorBoard events on disk. The trainer flushes before every
+    checkpoint: a run killed after a checkpoint then has every event up to its step on
+    disk, and the resumed run's purge step drops only the later ones."""
+    if self._tb is not None:
+      self._tb.flush()
+
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()

@@ -529,6 +529,7 @@ def train_stage(setup: StageSetup, workdir: epath.Path) -> TrainState:
     preempted = _preempted(step)
     if _every(stage.checkpoint_every, step, last) or preempted or stopped_early:
       _check_finite(setup, state, ckpt)
+      writer.flush()  # the events up to this checkpoint outlive a kill after it
       ckpt.save(step, _checkpointed(state), data_iter)
     if preempted:
       ckpt.wait()

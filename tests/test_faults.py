@@ -186,3 +186,19 @@ def test_a_full_disk_is_one_line_exit_1_and_the_next_start_cleans_up(tmp_path, c
   leftover.mkdir(parents=True)
   assert main_lib.main(args) == 0
   assert not leftover.exists()
+
+
+def test_every_event_up_to_a_checkpoint_is_on_disk_when_it_is_saved(tmp_path, monkeypatch):
+  """So a run killed after a checkpoint loses no event the resumed run will not log again."""
+  from medguide_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  seen, save = {}, checkpointing.Checkpointer.save
+
+  def save_and_look(self, step, state, data_iterator):
+    seen[step] = _event_steps(tmp_path / "inferior", "train/loss")
+    return save(self, step, state, data_iterator)
+
+  monkeypatch.setattr(checkpointing.Checkpointer, "save", save_and_look)
+  config = helpers.tiny_guidance_config(steps=6)
+  config.stages.inferior.update(log_every=1, checkpoint_every=2)
+  train.train_and_evaluate(config, str(tmp_path))
+  assert seen == {s: list(range(1, s + 1)) for s in (2, 4, 6)}
