@@ -196,3 +196,17 @@ def test_launch_local_returns_first_failure(monkeypatch, tmp_path):
       os.kill(pid, 0)
   monkeypatch.setattr(local, "process_commands", lambda args, n, port: [sleep] * n)
   assert local.launch_local(MAIN_ARGS, 2, 1, timeout=0.5) == local.EXIT_TIMEOUT
+
+
+def test_no_test_has_a_wall_clock_limit_a_slow_machine_can_hit():
+  """Subprocess and wait limits are the one hang guard (helpers.HANG_GUARD_S); a literal one
+  is allowed only where it is the behaviour under test (the launcher's own timeout)."""
+  import re  # pylint: disable=g-import-not-at-top
+  literal = re.compile(r"timeout=\d")
+  timed = re.compile(r"(monotonic|time\.time)\(\) - \w+ <")
+  found = []
+  for path in sorted((helpers.ROOT / "tests").glob("*.py")):
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+      if (literal.search(line) and "launch_local" not in line) or timed.search(line):
+        found.append(f"{path.name}:{n}: {line.strip()}")
+  assert not found, found
