@@ -5,9 +5,9 @@ global module), `local_net` (the local module on the patches chosen by the froze
 module: the released `model_sep`), then `joint` (both: `model_joint`). Masks are used for evaluation
 only: Dice of the global-only map (the GMIC-style baseline) and of the fused GLAM map.
 
-Smoke run on the embedded synthetic mammograms (368x240, small widths; 3-4 minutes on 2
-CPU cores, 3m03s-3m47s measured with the data already built; building it first takes
-about 35 s):
+Smoke run on the embedded synthetic mammograms (368x240, small widths; 2-4 minutes on 2
+CPU cores: 2m12s measured idle including building the data, 3m03s-3m47s earlier on a busier
+machine with the data already built):
 
   python -m medguide_jax.main --config=configs/glam.py:smoke --workdir=/tmp/glam_smoke
 

@@ -1,6 +1,7 @@
 r"""Deep Multimodal Guidance (Mallya & Hamarneh, MICCAI 2022): C_I, C_S, G, G(I), G(I)+I.
 
-Smoke run on the embedded synthetic data (TinyCNN, 64 px; 3-4.5 minutes on 2 CPU cores):
+Smoke run on the embedded synthetic data (TinyCNN, 64 px; 2-4.5 minutes on 2 CPU cores, 1m47s
+measured idle with data generation):
 
   python -m medguide_jax.main --config=configs/guidance.py:dataset=synthetic,smoke \
       --workdir=/tmp/guidance_smoke

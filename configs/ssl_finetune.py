@@ -15,7 +15,8 @@ the multi-seed summary come from
 
   python -m medguide_jax.ssl_report --workdirs=/tmp/ssl_ft_s0,/tmp/ssl_ft_s1,...
 
-Smoke run on the embedded synthetic data (3m02s on 2 idle CPU cores; every stage):
+Smoke run on the embedded synthetic data (every stage; 79 s on 2 idle CPU cores once the data
+exists, 3m02s measured earlier on a busier machine):
 
   python -m medguide_jax.main --config=configs/ssl_finetune.py:smoke --workdir=/tmp/ssl_ft_smoke
 

@@ -4,14 +4,14 @@ Ghesu et al. 2022 ("Self-supervised learning from 100 million medical images"): 
 learning and online feature clustering (SwAV) over radiography, CT, MR and ultrasound;
 where the paper is silent this follows the SwAV reference (METHODS.md section 5).
 
-Smoke run on the embedded synthetic data (TinyCNN, 2x32 + 2x16 crops, K=32; 33 s on 2 idle
-CPU cores once the data exists, about 20 s more to generate it):
+Smoke run on the embedded synthetic data (TinyCNN, 2x32 + 2x16 crops, K=32; 23-33 s on 2 idle
+CPU cores: 23 s measured including generating the data, 33 s earlier on a busier machine):
 
   python -m medguide_jax.main --config=configs/ssl_pretrain.py:smoke --workdir=/tmp/ssl_smoke
 
   Expected: train/swav_loss falls from 4.1 onto a plateau at ln 32 = 3.47 (steps 28-56; the
   collapse warning fires there), then leaves it and ends near 3.2-3.3; the pretrained
-  features' leave-one-out kNN accuracy stays at chance (validation 0.22, test 0.25).
+  features' leave-one-out kNN accuracy stays at chance (validation 0.252, test 0.234).
 
 CPU size (ResNet-18 at width 16, 2x64 + 4x32 crops, batch 64, K=100, 1000 steps; about 10
 minutes alone):
