@@ -34,6 +34,7 @@ setup(
         "scikit-image>=0.22",   # slides: polygon masks, Otsu's tissue threshold
         "openslide-python>=1.3",  # whole-slide images (.svs, .tif, .ndpi, .mrxs, ...)
         "openslide-bin>=4.0",   # the OpenSlide library itself, as a wheel
+        "openpyxl>=3.1",        # BCNB's patient-clinical-data.xlsx
     ],
     extras_require={
         # tensorboard: the tests read the event files with TensorBoard's own reader.

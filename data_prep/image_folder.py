@@ -40,16 +40,15 @@ from concurrent import futures
 import csv
 import dataclasses
 import hashlib
-import json
 import os
 import re
 from typing import Callable, Iterable, Iterator, Mapping, TypeVar
 
 from absl import logging
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from medguide_jax.data import builders
 from medguide_jax.data import images
 from medguide_jax.data import readers
 
@@ -322,29 +321,12 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
              "folder_labels": None if folder_labels is None else bool(folder_labels),
              "slice_every": None if slice_every is None else int(slice_every)}
     given = {k: v for k, v in given.items() if v is not None}
-    stored = self._stored_options(kwargs.get("data_dir"), name)
-    if stored is not None:
-      conflicts = {k: (stored.get(k), v) for k, v in given.items() if stored.get(k) != v}
-      if conflicts:
-        raise ValueError(
-            f"image_folder:{name} is already prepared with other options "
-            f"{{option: (prepared, asked)}} = {conflicts}; use another tag for other options "
-            "(or delete its folder under data_dir/image_folder/).")
-    options = {**ImageFolderConfig(name=name).options(), **(stored or {}), **given}
+    options = builders.tagged_options(type(self), kwargs.get("data_dir"), name, given,
+                                      ImageFolderConfig(name=name).options())
     kwargs["config"] = ImageFolderConfig(name=name, description=f"User archive {name!r}.",
                                          **options)
     kwargs.setdefault("file_format", "array_record")
     super().__init__(**kwargs)
-
-  @classmethod
-  def _stored_options(cls, data_dir, name: str) -> dict | None:
-    """The options a prepared tag was built with (from its metadata.json), else None."""
-    if not data_dir:
-      return None
-    path = epath.Path(os.fspath(data_dir)) / cls.name / name / str(cls.VERSION)
-    if not (path / "dataset_info.json").exists() or not (path / "metadata.json").exists():
-      return None
-    return dict(json.loads((path / "metadata.json").read_text()).get("options") or {})
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(

@@ -127,6 +127,11 @@ def test_bags_are_drawn_once_seeded_and_drop_the_remainder():
   assert len(set(flat)) == 30 and set(flat) <= set(range(35))
   assert bags == slides.make_bags(35, seed=8888) and bags != slides.make_bags(35, seed=1)
   assert slides.make_bags(9, seed=0) == []
+  # bag_size=0: the whole slide is one bag (feature mode reads such datasets)
+  assert slides.make_bags(7, bag_size=0, seed=3) == [list(range(7))]
+  assert slides.make_bags(0, bag_size=0, seed=3) == []
+  with pytest.raises(ValueError, match="bag_size=-1"):
+    slides.make_bags(7, bag_size=-1, seed=3)
 
 
 def test_tissue_is_found_on_a_blob_on_white(tmp_path):

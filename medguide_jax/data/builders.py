@@ -15,6 +15,7 @@ import collections.abc
 import hashlib
 import importlib
 import inspect
+import json
 import os
 import shlex
 import tempfile
@@ -41,6 +42,7 @@ _REGISTRY = {
     "nyu_glam_sample": "data_prep.mammo_exams:NyuGlamSample",
     "nyu_bcc_sample": "data_prep.mammo_exams:NyuBccSample",
     "cbis_ddsm": "data_prep.mammo_exams:CbisDdsm",
+    "bag_features": "data_prep.features:BagFeatures",
 }
 
 
@@ -217,6 +219,26 @@ def built_options(name: str, builder: tfds.core.DatasetBuilder) -> dict:
     if value is not None and value != getattr(reference, key, None):
       out[key] = value
   return out
+
+
+def tagged_options(builder_cls: type[tfds.core.DatasetBuilder], data_dir, tag: str,
+                   given: dict, defaults: dict) -> dict:
+  """The options of a tagged builder (`name:<tag>`): `defaults`, then those the tag was
+  built with (its metadata['options'], when prepared: so training, which passes none, reuses
+  them), then `given`. An option given that differs from a prepared tag's is an error."""
+  stored = None
+  if data_dir:
+    path = epath.Path(os.fspath(data_dir)) / builder_cls.name / tag / str(builder_cls.VERSION)
+    if (path / "dataset_info.json").exists() and (path / "metadata.json").exists():
+      stored = dict(json.loads((path / "metadata.json").read_text()).get("options") or {})
+  if stored is not None:
+    conflicts = {k: (stored.get(k), v) for k, v in given.items() if stored.get(k) != v}
+    if conflicts:
+      raise ValueError(
+          f"{builder_cls.name}:{tag} is already prepared with other options "
+          f"{{option: (prepared, asked)}} = {conflicts}; use another tag for other options "
+          f"(or delete its folder under data_dir/{builder_cls.name}/).")
+  return {**defaults, **(stored or {}), **given}
 
 
 def _optional(hint) -> tuple[object, bool]:

@@ -228,9 +228,12 @@ def region_tiles(region: np.ndarray, origin: tuple[int, int], *, tile: int = TIL
 
 def make_bags(num_tiles: int, *, bag_size: int = BAG_SIZE, seed: int) -> list[list[int]]:
   """Bags of `bag_size` tile indices drawn once without replacement from a seeded
-  permutation; tiles that cannot fill a bag are dropped (as BALNMP)."""
-  if bag_size < 1:
-    raise ValueError(f"bag_size={bag_size} must be >= 1")
+  permutation; tiles that cannot fill a bag are dropped (as BALNMP). bag_size=0: one bag
+  of every tile (the whole slide; none when it has no tile)."""
+  if bag_size < 0:
+    raise ValueError(f"bag_size={bag_size} must be >= 1, or 0 for one bag of every tile")
+  if bag_size == 0:
+    return [list(range(num_tiles))] if num_tiles else []
   order = np.random.default_rng(seed).permutation(num_tiles)
   return [sorted(order[i:i + bag_size].tolist())
           for i in range(0, num_tiles - bag_size + 1, bag_size)]

@@ -19,7 +19,9 @@ from medguide_jax.data import builders, mixture
 # Which record layout (and so which decoder, data/decoders.py) each dataset has.
 LAYOUTS = {"synthetic_paired": "paired", "derm7pt": "paired", "synthetic_mammo": "mammo",
            "nyu_mammo": "mammo", "cbis_ddsm": "mammo", "nyu_glam_sample": "mammo",
-           "nyu_bcc_sample": "mammo"}
+           "nyu_bcc_sample": "mammo", "synthetic_bags": "bags", "bcnb": "bags",
+           "wsi_folder": "bags", "tcga_lung_tiles": "bags", "ham10000_clinical": "bags",
+           "bag_features": "feature_bags"}
 DEFAULT_LAYOUT = "images"  # every other dataset: one image per record (data/images.py)
 
 
