@@ -220,7 +220,7 @@ lesion_id,image_id,dx) and the images as images/<image_id>.jpg (or the release's
 HAM10000_images_part_1/ and HAM10000_images_part_2/).
   python -m data_prep.build ham10000 --manual_dir=<manual_dir> --data_dir=<data_dir>
 """
-_HAM_METADATA = ("metadata_subset.csv", "HAM10000_metadata.csv")
+HAM_METADATA = ("metadata_subset.csv", "HAM10000_metadata.csv")
 _HAM_IMAGE_DIRS = ("images", "HAM10000_images_part_1", "HAM10000_images_part_2")
 
 
@@ -234,20 +234,21 @@ class Ham10000(_SharedSamplesBuilder):
   VALIDATION_FRACTION = 0.1
   TEST_FRACTION = 0.1
 
-  def rows(self, root: str) -> list[tuple[str, str, int]]:
+  @classmethod
+  def rows(cls, root: str) -> list[tuple[str, str, int]]:
     """(relative image path, lesion_id, label) of every image in the metadata file."""
-    metadata = next((os.path.join(root, m) for m in _HAM_METADATA
+    metadata = next((os.path.join(root, m) for m in HAM_METADATA
                      if os.path.isfile(os.path.join(root, m))), None)
     if metadata is None:
-      raise SharedSamplesFormatError(f"{root}: none of {list(_HAM_METADATA)} found.\n"
-                                     f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+      raise SharedSamplesFormatError(f"{root}: none of {list(HAM_METADATA)} found.\n"
+                                     f"{cls.MANUAL_DOWNLOAD_INSTRUCTIONS}")
     rows, lesion_dx, seen = [], {}, {}
     for line, row in enumerate(image_folder.read_csv(metadata, ("lesion_id", "image_id", "dx")),
                                start=2):
       where = f"{metadata} line {line}"
-      if row["dx"] not in self.CLASS_NAMES:
+      if row["dx"] not in cls.CLASS_NAMES:
         raise SharedSamplesFormatError(f"{where}: unknown value {row['dx']!r} in column 'dx'; "
-                                       f"known: {list(self.CLASS_NAMES)}")
+                                       f"known: {list(cls.CLASS_NAMES)}")
       lesion, image_id = row["lesion_id"], row["image_id"]
       if not lesion or not image_id:
         raise SharedSamplesFormatError(f"{where}: empty lesion_id or image_id.")
@@ -263,12 +264,13 @@ class Ham10000(_SharedSamplesBuilder):
       if relative is None:
         raise SharedSamplesFormatError(
             f"{where}: image {os.path.join(root, 'images', image_id + '.jpg')} not found.")
-      rows.append((relative, lesion, self.CLASS_NAMES.index(row["dx"])))
+      rows.append((relative, lesion, cls.CLASS_NAMES.index(row["dx"])))
     if not rows:
       raise SharedSamplesFormatError(f"{metadata}: no rows.")
     return rows
 
-  def lesion_splits(self, rows) -> dict[str, str]:
+  @classmethod
+  def lesion_splits(cls, rows) -> dict[str, str]:
     """lesion_id -> split: per diagnosis, lesions ranked by hash; the first round(10%) test,
     the next round(10%) validation, the rest train."""
     lesions_by_label = {}
@@ -277,8 +279,8 @@ class Ham10000(_SharedSamplesBuilder):
     split_of = {}
     for lesions in lesions_by_label.values():
       ranked = sorted(lesions, key=lambda k: (image_folder.hash_unit(k), k))
-      n_test = round(self.TEST_FRACTION * len(ranked))
-      n_val = round(self.VALIDATION_FRACTION * len(ranked))
+      n_test = round(cls.TEST_FRACTION * len(ranked))
+      n_val = round(cls.VALIDATION_FRACTION * len(ranked))
       for i, lesion in enumerate(ranked):
         split_of[lesion] = ("test" if i < n_test else
                             "validation" if i < n_test + n_val else "train")

@@ -61,3 +61,30 @@ def test_the_five_balnmp_tasks():
   assert clinical.aln_label("N+ (1-2)", 2) == 1  # spaces as some tables write it
   with pytest.raises(clinical.ClinicalError, match="ALN status 'N3'"):
     clinical.aln_label("N3", 0)
+
+
+def test_a_spec_adds_features_and_mean_flag_imputes_a_missing_value():
+  rows = [{"age": "40", "sex": "male", "site": "back"},
+          {"age": "", "sex": "female", "site": ""},
+          {"age": "60", "sex": "female", "site": "face"},
+          {"age": "nan", "sex": "male", "site": "back"}]
+  spec = {"age": ("numeric", "age"), "sex": ("category", "sex"),
+          "body_site": ("category", "site")}
+  enc = clinical.fit_encoder(rows, features=("age", "sex", "body_site"), spec=spec,
+                             missing={"age": "mean_flag"}, fit_rows=[0, 1, 2])
+  assert enc.stats["age"] == (50.0, 10.0)  # from the two ages present among the fitting rows
+  assert enc.names == ["age", "age_missing", "sex=female", "sex=male", "body_site=back",
+                       "body_site=face", "body_site=unknown"]
+  np.testing.assert_array_equal(enc.encode(rows[0]), [-1, 0, 0, 1, 1, 0, 0])
+  np.testing.assert_array_equal(enc.encode(rows[1]), [0, 1, 1, 0, 0, 0, 1])
+  np.testing.assert_array_equal(enc.encode(rows[3]), [0, 1, 0, 1, 1, 0, 0])
+  strict = clinical.fit_encoder(rows, features=("age",), spec=spec, fit_rows=[0, 2])
+  with pytest.raises(clinical.ClinicalError, match=r"row 1, column 'age': '' is not a number"):
+    strict.encode(rows[1], where="row 1")
+  with pytest.raises(clinical.ClinicalError, match="missing-value policies"):
+    clinical.fit_encoder(rows, features=("sex",), spec=spec, missing={"sex": "mean_flag"})
+  with pytest.raises(clinical.ClinicalError, match="spec="):
+    clinical.fit_encoder(rows, features=("sex",))
+  with pytest.raises(clinical.ClinicalError, match="no fitting row has a value"):
+    clinical.fit_encoder(rows, features=("age",), spec=spec, missing={"age": "mean_flag"},
+                         fit_rows=[1, 3])

@@ -225,6 +225,26 @@ def decode_tiles(encoded: Sequence[bytes], size: int | None = None) -> np.ndarra
   return np.stack(out)
 
 
+# BALNMP normalises patches with ImageNet's statistics (its backbones are ImageNet-trained).
+IMAGENET_MEAN = np.asarray((0.485, 0.456, 0.406), np.float32)
+IMAGENET_STD = np.asarray((0.229, 0.224, 0.225), np.float32)
+
+
+def bag_example(record: Mapping, rng: np.random.Generator | None, *, image_size: int
+                ) -> dict[str, np.ndarray]:
+  """A 'bags' record -> {'tiles' float32 [N, S, S, 3] (ImageNet-normalised, as BALNMP),
+  'clinical' float32 [C], 'label' int32}. Training (`rng` given): each tile flipped and
+  rotated by a multiple of 90 degrees at random (histology has no orientation)."""
+  x = decode_tiles(record["tiles"], image_size).astype(np.float32) / 255.0
+  if rng is not None:
+    k = rng.integers(0, 4, len(x))
+    flip = rng.random(len(x)) < 0.5
+    x = np.stack([np.rot90(t[:, ::-1] if f else t, int(r)) for t, r, f in zip(x, k, flip)])
+  return {"tiles": (x - IMAGENET_MEAN) / IMAGENET_STD,
+          "clinical": np.asarray(record["clinical"], np.float32),
+          "label": np.int32(record["label"])}
+
+
 def check_patient_splits(patients_by_split: Mapping[str, Sequence[str]], where: str) -> None:
   """A patient in two splits is an error naming it and both splits."""
   seen: dict[str, str] = {}

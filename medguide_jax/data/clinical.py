@@ -58,8 +58,22 @@ def aln_label(status: str, task: int) -> int | None:
   return TASKS[task].get(key)
 
 
-def _number(row: Mapping, column: str, where: str) -> float:
+MISSING_VALUES = ("", "nan", "na", "n/a", "none", "unknown", "?")
+MISSING_POLICIES = ("error", "mean_flag")
+
+
+def is_missing(value) -> bool:
+  """Whether a table cell counts as missing (MISSING_VALUES, any case)."""
+  return value is None or str(value).strip().lower() in MISSING_VALUES
+
+
+def _number(row: Mapping, column: str, where: str, *, allow_missing: bool = False
+            ) -> float | None:
+  """The number in `row[column]` (a trailing % is dropped); None when it is missing and
+  that is allowed; anything else non-numeric is an error naming `where` and the column."""
   value = row.get(column)
+  if allow_missing and is_missing(value):
+    return None
   try:
     number = float(str(value).strip().rstrip("%"))
   except (TypeError, ValueError):
@@ -79,60 +93,112 @@ def _is_negative(row: Mapping, column: str, where: str) -> float:
                       "'Negative' nor 'Positive'")
 
 
+def _category(value) -> str:
+  """A categorical value as encoded: stripped; empty is 'unknown'."""
+  return str("" if value is None else value).strip() or "unknown"
+
+
 @dataclasses.dataclass(frozen=True)
 class Encoder:
   """Fitted encoding: z-score statistics and categories (from the fitting rows)."""
   features: tuple[str, ...]
+  kinds: Mapping[str, str]                        # feature -> numeric | negative | category
   columns: Mapping[str, str]
   stats: Mapping[str, tuple[float, float]]        # numeric feature -> (mean, std)
   categories: Mapping[str, tuple[str, ...]]       # category feature -> categories
+  missing: Mapping[str, str] = dataclasses.field(default_factory=dict)  # feature -> policy
+
+  def _flagged(self, f: str) -> bool:
+    return self.missing.get(f, "error") == "mean_flag"
 
   @property
   def names(self) -> list[str]:
     """The name of each output column."""
     out = []
     for f in self.features:
-      out += ([f"{f}={c}" for c in self.categories[f]] if FEATURES[f][0] == "category"
-              else [f])
+      if self.kinds[f] == "category":
+        out += [f"{f}={c}" for c in self.categories[f]]
+      else:
+        out += [f] + ([f"{f}_missing"] if self._flagged(f) else [])
     return out
 
   def encode(self, row: Mapping, where: str = "row") -> np.ndarray:
-    """One patient's clinical vector, float32 [len(names)]."""
+    """One patient's clinical vector, float32 [len(names)]. A missing numeric value under
+    the 'mean_flag' policy is the training mean (z = 0) with its `<f>_missing` flag 1."""
     values = []
     for f in self.features:
-      kind, column = FEATURES[f][0], self.columns[f]
+      kind, column = self.kinds[f], self.columns[f]
       if kind == "numeric":
         mean, std = self.stats[f]
-        values.append((_number(row, column, where) - mean) / std)
+        v = _number(row, column, where, allow_missing=self._flagged(f))
+        values.append(0.0 if v is None else (v - mean) / std)
+        if self._flagged(f):
+          values.append(float(v is None))
       elif kind == "negative":
         values.append(_is_negative(row, column, where))
       else:
-        value = str(row.get(column, "")).strip()
+        value = _category(row.get(column))
         values += [float(value == c) for c in self.categories[f]]
     return np.asarray(values, np.float32)
 
 
 def fit_encoder(rows: Sequence[Mapping], *, features: Sequence[str] = BALNMP_FEATURES,
-                columns: Mapping[str, str] | None = None, fit_rows: Sequence[int] | None = None,
+                columns: Mapping[str, str] | None = None,
+                spec: Mapping[str, tuple[str, str]] | None = None,
+                missing: Mapping[str, str] | None = None,
+                fit_rows: Sequence[int] | None = None, wheres: Sequence[str] | None = None,
                 where: str = "clinical table") -> Encoder:
   """An Encoder whose statistics and categories come from `rows[i] for i in fit_rows` (the
-  training split; None = every row, BALNMP's choice). A configured column that the table
-  lacks is an error naming it and the columns it has."""
-  unknown = [f for f in features if f not in FEATURES]
+  training split; None = every row, BALNMP's choice).
+
+  Args:
+    rows: one mapping column -> value per patient.
+    features: the features, in output order.
+    columns: feature -> column name, overriding the spec's.
+    spec: feature -> (kind, column) for features beyond (or replacing) BCNB's `FEATURES`,
+      e.g. {'sex': ('category', 'sex')}; kinds 'numeric', 'negative', 'category'.
+    missing: numeric feature -> 'error' (the default: a missing value is an error naming
+      the row) or 'mean_flag' (statistics from the values present; a missing value encodes
+      as the mean, plus a `<feature>_missing` column).
+    fit_rows: the rows the statistics come from.
+    wheres: how errors name each row (default '<where>, row <i>').
+    where: the table's name in errors.
+
+  A configured column that the table lacks is an error naming it and the columns it has.
+  """
+  table = {**FEATURES, **(spec or {})}
+  unknown = [f for f in features if f not in table]
   if unknown:
-    raise ClinicalError(f"unknown clinical features {unknown}; valid: {sorted(FEATURES)}")
-  columns = {f: (columns or {}).get(f, FEATURES[f][1]) for f in features}
+    raise ClinicalError(f"unknown clinical features {unknown}; valid: {sorted(table)} "
+                        "(others need spec={feature: (kind, column)})")
+  kinds = {f: table[f][0] for f in features}
+  bad = {f: k for f, k in kinds.items() if k not in ("numeric", "negative", "category")}
+  if bad:
+    raise ClinicalError(f"clinical feature kinds {bad}; valid: numeric, negative, category")
+  missing = dict(missing or {})
+  wrong = {f: p for f, p in missing.items()
+           if p not in MISSING_POLICIES or kinds.get(f) != "numeric"}
+  if wrong:
+    raise ClinicalError(f"missing-value policies {wrong}: each names a numeric feature of "
+                        f"{list(features)} and one of {list(MISSING_POLICIES)}")
+  columns = {f: (columns or {}).get(f, table[f][1]) for f in features}
   have = set(rows[0]) if rows else set()
-  missing = sorted({c for c in columns.values() if c not in have})
-  if missing:
-    raise ClinicalError(f"{where}: no column(s) {missing}; it has {sorted(have)}")
-  chosen = [rows[i] for i in (range(len(rows)) if fit_rows is None else fit_rows)]
+  absent = sorted({c for c in columns.values() if c not in have})
+  if absent:
+    raise ClinicalError(f"{where}: no column(s) {absent}; it has {sorted(have)}")
+  index = range(len(rows)) if fit_rows is None else fit_rows
+  chosen = [(rows[i], wheres[i] if wheres else f"{where}, row {i}") for i in index]
   stats, categories = {}, {}
   for f in features:
-    kind, column = FEATURES[f][0], columns[f]
+    kind, column = kinds[f], columns[f]
     if kind == "numeric":
-      v = np.asarray([_number(r, column, f"{where}, row {i}") for i, r in enumerate(chosen)])
+      flagged = missing.get(f) == "mean_flag"
+      v = [_number(r, column, w, allow_missing=flagged) for r, w in chosen]
+      v = np.asarray([x for x in v if x is not None])
+      if not len(v):
+        raise ClinicalError(f"{where}, column {column!r}: no fitting row has a value, so "
+                            f"{f} cannot be standardised")
       stats[f] = (float(v.mean()), float(v.std()) or 1.0)
     elif kind == "category":
-      categories[f] = tuple(sorted({str(r.get(column, "")).strip() for r in chosen}))
-  return Encoder(tuple(features), columns, stats, categories)
+      categories[f] = tuple(sorted({_category(r.get(column)) for r, _ in chosen}))
+  return Encoder(tuple(features), kinds, columns, stats, categories, missing)

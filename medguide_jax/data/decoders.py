@@ -12,7 +12,7 @@ from typing import Callable
 
 import ml_collections
 
-from medguide_jax.data import mammo, multicrop, sources, transforms
+from medguide_jax.data import bags, mammo, multicrop, sources, transforms
 
 Decoder = Callable[..., dict]
 
@@ -35,8 +35,14 @@ def _mammo(data: ml_collections.ConfigDict) -> Decoder:
   return mammo.glam_example
 
 
+def _bags(data: ml_collections.ConfigDict) -> Decoder:
+  def decode(record, rng, *, augment):
+    return bags.bag_example(record, rng if augment else None, image_size=data.image_size)
+  return decode
+
+
 DECODERS: dict[str, Callable[[ml_collections.ConfigDict], Decoder]] = {
-    "paired": _paired, "images": _images, "mammo": _mammo}
+    "paired": _paired, "images": _images, "mammo": _mammo, "bags": _bags}
 
 
 def for_dataset(data: ml_collections.ConfigDict) -> Decoder:
