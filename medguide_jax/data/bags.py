@@ -156,8 +156,7 @@ class SlideTiles:
   xy: list[tuple[int, int]]           # level-0 top-left of each
 
 
-def read_polygons(path: str, image_size: tuple[int, int] | None = None
-                  ) -> list[list[tuple[float, float]]]:
+def read_polygons(path: str) -> list[list[tuple[float, float]]]:
   """BCNB's tumour annotation `<id>.json`: {'positive': [{'vertices': [[x, y], ...]}, ...]}
   (level-0 pixels). A file that is not that shape is a SlideError naming it."""
   import json  # pylint: disable=g-import-not-at-top
@@ -168,7 +167,6 @@ def read_polygons(path: str, image_size: tuple[int, int] | None = None
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise slides.SlideError(f"annotation {path}: expected {{'positive': [{{'vertices': "
                             f"[[x, y], ...]}}, ...]}}: {type(e).__name__}: {e}") from e
-  del image_size
   return polygons
 
 

@@ -7,7 +7,8 @@ BALNMP's released tables appear to. The other BCNB fields are available by name:
 categorical ones (tumour type, HER2 expression, histological grade, molecular subtype) are
 one-hot over the training split's categories (an unseen category is all zeros), numeric
 ones (Ki67) z-scored. Column names are options: BCNB's own headers are the defaults below
-(not verified against the release here; a builder passes the ones its table has).
+(as public scripts that read its patient-clinical-data.xlsx name them; one report counts
+Ki67 as positive/negative, in which case ki67 needs spec={'ki67': ('negative', 'Ki67')}).
 """
 from __future__ import annotations
 
