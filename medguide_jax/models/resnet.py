@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from medguide_jax.models import conv as conv_lib
+from medguide_jax.models import vgg as vgg_lib
 from medguide_jax.models import vit as vit_lib
 
 Dtype = Any
@@ -190,6 +191,8 @@ _ENCODERS: dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]] = {
     "vit_tiny": (vit_lib.ViT, {"width": 64, "depth": 2, "num_heads": 2, "mlp_dim": None}),
     "vit_s16": (vit_lib.ViT, {"width": 384, "depth": 12, "num_heads": 6, "mlp_dim": 1536}),
     "vit_b16": (vit_lib.ViT, {"width": 768, "depth": 12, "num_heads": 12, "mlp_dim": 3072}),
+    # BALNMP's patch encoder (vgg.py): features + adaptive 7x7 pool, flattened (25,088-d).
+    "vgg16_bn": (vgg_lib.VGG, {"width": 64}),
 }
 
 
@@ -201,7 +204,7 @@ def _config(name: str, kw: dict[str, Any]) -> tuple[Callable[..., nn.Module], di
 
 
 def get_encoder(name: str, *, dtype: Dtype = jnp.float32, **kw: Any) -> nn.Module:
-  """Builds an encoder by name ('tiny_cnn', 'resnet18', 'resnet34', 'resnet50').
+  """Builds an encoder by name ('tiny_cnn', 'resnet18/34/50', 'vit_*', 'vgg16_bn').
 
   Args:
     name: encoder name.
@@ -229,5 +232,7 @@ def feature_dim(name: str, **kw: Any) -> int:
     return 4 * attrs["width"]
   if ctor is vit_lib.ViT:
     return attrs["width"]
+  if ctor is vgg_lib.VGG:
+    return vgg_lib.feature_dim(attrs["width"], attrs.get("pool", 7))
   expansion = 4 if attrs["block"] == "bottleneck" else 1
   return attrs["width"] * 2**(len(attrs["stage_sizes"]) - 1) * expansion
