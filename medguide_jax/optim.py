@@ -9,11 +9,16 @@ The config block is an `ml_collections.ConfigDict` (a plain mapping works too):
   opt.weight_decay = 0.0                   # adamw: decoupled; sgd/adam/lars: L2 on the grad
   opt.trust_coefficient = 0.001            # lars: LARC's eta (SwAV's apex LARC, clip=False)
   opt.weight_decay_mask = '.*'             # regex over '/'-joined parameter paths
-  opt.schedule = 'constant' | 'cosine' | 'keras_decay'
+  opt.schedule = 'constant' | 'cosine' | 'keras_decay' | 'cosine_restarts'
   opt.warmup_steps = 0                     # linear warmup from lr * warmup_start_factor to lr
   opt.warmup_start_factor = 0.0            # SwAV: 0.3 / 4.8 = 0.0625
   opt.decay = 0.0                          # keras_decay: lr / (1 + decay * step)
   opt.end_lr_factor = 0.0                  # cosine ends at lr * end_lr_factor
+  opt.restart_period = 0                   # cosine_restarts: T_0, in epochs (steps when the
+  opt.restart_mult = 1                     # trainer knows no epoch); T_mult
+  opt.restart_offset = 0                   # cosine_restarts: epochs the schedule starts at
+                                           # (BALNMP steps its scheduler at the start of each
+                                           # epoch, so epoch e trains at SGDR's lr(e + 1): 1)
   opt.grad_clip_norm = 0.0                 # 0 = off; global-norm clipping
   opt.accumulate_steps = 1                 # read by the trainer: micro-batches per update
   opt.lr_base_batch = 0                    # read by the trainer: lr *= batch / lr_base_batch
@@ -48,7 +53,7 @@ import optax
 from medguide_jax import paths
 
 OPTIMIZERS = ('sgd', 'adam', 'adamw', 'lars')
-SCHEDULES = ('constant', 'cosine', 'keras_decay')
+SCHEDULES = ('constant', 'cosine', 'keras_decay', 'cosine_restarts')
 
 _REQUIRED = ('name', 'lr')
 DEFAULTS = {
@@ -63,6 +68,9 @@ DEFAULTS = {
     'warmup_steps': 0,
     'decay': 0.0,
     'end_lr_factor': 0.0,
+    'restart_period': 0,
+    'restart_mult': 1,
+    'restart_offset': 0,
     'grad_clip_norm': 0.0,
     'accumulate_steps': 1,
     'trust_coefficient': 0.001,
@@ -145,9 +153,43 @@ def _keras_decay_schedule(lr: float, decay: float) -> optax.Schedule:
   return schedule
 
 
-def _main_schedule(cfg: dict[str, Any], steps: int) -> optax.Schedule:
+def _cosine_restarts_schedule(cfg: dict[str, Any], steps: int,
+                              steps_per_epoch: int) -> optax.Schedule:
+  """SGDR (Loshchilov & Hutter 2017) as torch's CosineAnnealingWarmRestarts(T_0, T_mult,
+  eta_min) stepped once per epoch: the lr is constant within an epoch; epoch e (counted from
+  `restart_offset`) lies in a cycle of T_i epochs, T_cur epochs in, and
+  lr = eta_min + (lr - eta_min) (1 + cos(pi T_cur / T_i)) / 2, eta_min = lr * end_lr_factor."""
+  lr, floor = float(cfg['lr']), float(cfg['lr']) * float(cfg['end_lr_factor'])
+  period, mult = int(cfg['restart_period']), int(cfg['restart_mult'])
+  offset = int(cfg['restart_offset'])
+  if period < 1 or mult < 1 or offset < 0:
+    raise ValueError(f'cosine_restarts needs restart_period >= 1, restart_mult >= 1 and '
+                     f'restart_offset >= 0, got {period}, {mult}, {offset}.')
+  # Cycle starts in epochs, up to the last epoch of the run (exact integers, not logs).
+  last = steps // max(steps_per_epoch, 1) + offset + 1
+  starts, length = [0], period
+  while starts[-1] <= last:
+    starts.append(starts[-1] + length)
+    length *= mult
+  starts = np.asarray(starts, np.int64)
+  lengths = np.diff(starts)
+
+  def schedule(step):
+    epoch = jnp.asarray(step, jnp.int32) // max(steps_per_epoch, 1) + offset
+    cycle = jnp.searchsorted(jnp.asarray(starts[1:]), epoch, side='right')
+    t_cur = (epoch - jnp.asarray(starts)[cycle]).astype(jnp.float32)
+    t_i = jnp.asarray(lengths, jnp.float32)[cycle]
+    return floor + (lr - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * t_cur / t_i))
+
+  return schedule
+
+
+def _main_schedule(cfg: dict[str, Any], steps: int, steps_per_epoch: int = 1
+                   ) -> optax.Schedule:
   """The schedule that follows warmup, over `steps` updates."""
   lr = float(cfg['lr'])
+  if cfg['schedule'] == 'cosine_restarts':
+    return _cosine_restarts_schedule(cfg, steps, steps_per_epoch)
   if cfg['schedule'] == 'constant':
     return optax.constant_schedule(lr)
   if cfg['schedule'] == 'keras_decay':
@@ -160,7 +202,8 @@ def _main_schedule(cfg: dict[str, Any], steps: int) -> optax.Schedule:
       lr, decay_steps=steps, alpha=float(cfg['end_lr_factor']))
 
 
-def make_schedule(opt: Mapping[str, Any], num_steps: int) -> optax.Schedule:
+def make_schedule(opt: Mapping[str, Any], num_steps: int, steps_per_epoch: int = 1
+                  ) -> optax.Schedule:
   """Learning rate as a function of the optimiser-update count.
 
   Linear warmup from 0 (step 0) to `opt.lr` (step `warmup_steps`), then the named
@@ -170,6 +213,8 @@ def make_schedule(opt: Mapping[str, Any], num_steps: int) -> optax.Schedule:
   Args:
     opt: the `opt` config block.
     num_steps: total number of optimiser updates of the run.
+    steps_per_epoch: updates per pass over the training split (the trainer's
+      ceil(examples / batch)): the unit of cosine_restarts' restart_period and offset.
 
   Returns:
     An optax schedule (step -> learning rate).
@@ -179,7 +224,7 @@ def make_schedule(opt: Mapping[str, Any], num_steps: int) -> optax.Schedule:
   if not 0 <= warmup <= num_steps:
     raise ValueError(
         f'opt.warmup_steps={warmup} must lie in [0, num_steps={num_steps}].')
-  main = _main_schedule(cfg, num_steps - warmup)
+  main = _main_schedule(cfg, num_steps - warmup, steps_per_epoch)
   if warmup == 0:
     return main
   lr = float(cfg['lr'])

@@ -212,10 +212,6 @@ class StageSetup:
                                            ) % stage.opt.accumulate_steps:
       raise ConfigError(f"stages.{name}: the per-device batch {stage.batch_size // jax.device_count()}"
                         f" is not divisible by opt.accumulate_steps={stage.opt.accumulate_steps}")
-    try:  # schedule errors surface now, before any stage has written anything
-      self.schedule = optim.make_schedule(stage.opt, stage.num_steps)  # the stage's one
-    except ValueError as e:
-      raise ConfigError(f"stages.{name}.opt: {e}") from e
     self.sources = data_sources or open_sources(config)
     if stage.get("train_examples", 0) > 0:
       try:
@@ -226,6 +222,11 @@ class StageSetup:
             lambda: mixture.Subset(train, stage.train_examples))}
       except ValueError as e:
         raise ConfigError(f"stages.{name}.{e}") from e
+    try:  # schedule errors surface now, before any stage has written anything
+      epoch = -(-len(self.sources["train"]) // stage.batch_size)  # updates per epoch
+      self.schedule = optim.make_schedule(stage.opt, stage.num_steps, epoch)  # the stage's one
+    except ValueError as e:
+      raise ConfigError(f"stages.{name}.opt: {e}") from e
     try:
       self.task = tasks.get_task(tasks.TaskContext(config, stage, self.sources["train"], mesh))
       self.evaluators = evaluators_lib.from_config(stage.get("evals"), self.task)

@@ -1,6 +1,7 @@
 """Tests for medguide_jax.optim: schedules, update rules, masks, freezing, accumulation."""
 from __future__ import annotations
 
+import math
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -259,3 +260,31 @@ def test_warmup_start_factor():
   np.testing.assert_allclose(float(sched(0)), 0.3, rtol=1e-6)
   np.testing.assert_allclose(float(sched(10)), 4.8, rtol=1e-6)
   np.testing.assert_allclose(float(sched(110)), 0.0048, rtol=1e-4)
+
+
+def _torch_warm_restarts(base, t0, mult, eta_min, epochs):
+  """torch.optim.lr_scheduler.CosineAnnealingWarmRestarts stepped once per epoch, as its
+  step() recurrence does it: the lr of epochs 0, 1, ..."""
+  t_cur, t_i, out = 0, t0, []
+  for _ in range(epochs):
+    out.append(eta_min + (base - eta_min) * (1 + math.cos(math.pi * t_cur / t_i)) / 2)
+    t_cur += 1
+    if t_cur >= t_i:
+      t_cur, t_i = t_cur - t_i, t_i * mult
+  return out
+
+
+def test_cosine_restarts_is_torchs_warm_restarts_per_epoch_with_balnmps_offset():
+  opt = {"name": "sgd", "lr": 1e-4, "schedule": "cosine_restarts", "restart_period": 20,
+         "restart_mult": 2, "end_lr_factor": 0.1}
+  per_epoch = 7
+  want = _torch_warm_restarts(1e-4, 20, 2, 1e-5, 201)
+  sched = optim.make_schedule(opt, 200 * per_epoch, steps_per_epoch=per_epoch)
+  got = [float(sched(e * per_epoch + k)) for e in range(200) for k in (0, per_epoch - 1)]
+  np.testing.assert_allclose(got, np.repeat(want[:200], 2), rtol=1e-5)
+  # BALNMP calls scheduler.step() at the start of each epoch: epoch e trains at lr(e + 1).
+  shifted = optim.make_schedule({**opt, "restart_offset": 1}, 200 * per_epoch, per_epoch)
+  np.testing.assert_allclose([float(shifted(e * per_epoch)) for e in range(200)], want[1:],
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="restart_period >= 1"):
+    optim.make_schedule({**opt, "restart_period": 0}, 10)
