@@ -35,6 +35,7 @@ setup(
         "openslide-python>=1.3",  # whole-slide images (.svs, .tif, .ndpi, .mrxs, ...)
         "openslide-bin>=4.0",   # the OpenSlide library itself, as a wheel
         "openpyxl>=3.1",        # BCNB's patient-clinical-data.xlsx
+        "matplotlib>=3.7",      # missing_modality: AUC against missing rate (Agg backend)
     ],
     extras_require={
         # tensorboard: the tests read the event files with TensorBoard's own reader.

@@ -59,6 +59,10 @@ def stage(task: str, *, num_steps: int, batch_size: int, opt: ml_collections.Con
     select: '' evaluates the last parameters; 'min:<metric>' / 'max:<metric>' keeps the
       best on the validation split (early stopping), e.g. 'min:val/loss'.
     patience: evaluations without improvement before stopping (0 = never stop early).
+    stop_when: '<metric><op><value>' stops training at the first evaluation where it holds,
+      e.g. 'eval/train/bag/auc>0.98' (BALNMP: once the training AUC passes 0.98);
+      eval/train/... evaluates the training split (eval mode) at each evaluation, and
+      eval/validation/... or train/... read what that evaluation logs. '' = never.
     init_from: comma-separated stage names or workdirs whose parameters initialise this one
       (a parameter is taken from the first source that has it).
     init_params: which parameters init_from gives, as rules separated by ';': a regex of
@@ -78,7 +82,7 @@ def stage(task: str, *, num_steps: int, batch_size: int, opt: ml_collections.Con
   """
   block = dict(task=task, num_steps=num_steps, batch_size=batch_size, opt=opt,
                eval_batch_size=128, log_every=-1, eval_every=-1, checkpoint_every=-1,
-               keep_checkpoints=2, select="", patience=0, init_from="", init_params="",
+               keep_checkpoints=2, select="", patience=0, stop_when="", init_from="", init_params="",
                freeze="", bootstrap=1000, train_examples=0, evals={}, teacher_from="",
                teacher_params="")
   unknown = set(kw) - set(block)

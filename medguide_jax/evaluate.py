@@ -115,8 +115,8 @@ def main(argv) -> int:
       metrics.update({f"{split}/{k}": v for k, v in
                       run.evaluate(split, bootstrap=config.stages[name].bootstrap).items()})
     results["stages"][name] = {"metrics": metrics}
+    results["table"] += train.stage_rows(name, run.task, metrics)
     if run.task.in_table:
-      results["table"].append(train.table_row(name, run.task.headline, metrics))
       columns += [c for c in run.task.columns if c not in columns]
   metric_writers.write_json_atomic(workdir / "reevaluation.json", results)
   print(train.markdown_table(results["table"], columns))

@@ -8,6 +8,7 @@ what to minimise and how to evaluate.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import signal
@@ -27,7 +28,7 @@ from jax.experimental import multihost_utils
 from medguide_jax import (checkpointing, metric_writers, optim, param_sources, parallel, paths,
                           run_info, stage_records, tasks, workdir_lock)
 from medguide_jax.data import builders, mixture, pipeline, sources
-from medguide_jax.validation import ConfigError, check_config, source_names
+from medguide_jax.validation import STOP_WHEN, ConfigError, check_config, source_names
 from medguide_jax.evaluation import evaluators as evaluators_lib
 
 EXIT_PREEMPTED = 75
@@ -419,6 +420,35 @@ def evaluate_split(setup: StageSetup, variables: dict, split: str, *, bootstrap:
   return metrics
 
 
+def _rule_holds(setup: StageSetup, log: dict, step: int) -> bool:
+  """Whether the stage's stop_when holds on this evaluation's logged scalars; when it does,
+  <stage>/stop_when.json records the step (written before the checkpoint of that step, so
+  a resume from it stops too; one from an earlier checkpoint trains to it again)."""
+  m = STOP_WHEN.fullmatch(setup.stage.stop_when)
+  key, op, bound = m["key"], m["op"], float(m["value"])
+  if key not in log:
+    raise ValueError(f"stages.{setup.name}.stop_when={setup.stage.stop_when!r}: this "
+                     f"evaluation logged no {key!r}; it logged {sorted(log)}")
+  value = log[key]
+  holds = {">": value > bound, ">=": value >= bound, "<": value < bound,
+           "<=": value <= bound}[op]
+  if holds:
+    logging.info("[%s] stop_when %s: %s = %.4f at step %d", setup.name,
+                 setup.stage.stop_when, key, value, step)
+    metric_writers.write_json_atomic(setup.dir / "stop_when.json",
+                                     {"step": step, "rule": setup.stage.stop_when,
+                                      "value": value})
+  return holds
+
+
+def _stopped_by_rule(setup: StageSetup, step: int) -> bool:
+  """A stage restored at the step its stop_when held stops there."""
+  path = setup.dir / "stop_when.json"
+  if not setup.stage.get("stop_when") or not path.exists():
+    return False
+  return int(json.loads(path.read_text())["step"]) == step
+
+
 def _variables(state: TrainState, which: str) -> dict:
   src = state.best if which == "best" else {"params": state.params, "model_state": state.model_state}
   return {"params": src["params"], **src["model_state"]}
@@ -507,7 +537,8 @@ def train_stage(setup: StageSetup, workdir: epath.Path) -> TrainState:
   progress = metric_writers.Progress(stage.num_steps, first, name)
   logging.info("[%s] %d parameters; training steps %d..%d", name,
                optim.count_params(state.params), first, stage.num_steps)
-  stopped_early = stage.patience > 0 and int(state.evals_since_best) >= stage.patience
+  stopped_early = (stage.patience > 0 and int(state.evals_since_best) >= stage.patience
+                   or _stopped_by_rule(setup, first))
   for step in range(first + 1, stage.num_steps + 1) if not stopped_early else ():
     _profile(setup, step - 1)
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -517,14 +548,21 @@ def train_stage(setup: StageSetup, workdir: epath.Path) -> TrainState:
       _check_finite(setup, state, ckpt)
       log.update(_scalars(metrics, "train/"), **progress.report(step))
       setup.task.on_log(step, log)
-    if stage.select and _every(stage.eval_every, step, last):
+    if (stage.select or stage.get("stop_when")) and _every(stage.eval_every, step, last):
       t = time.monotonic()
       _check_finite(setup, state, ckpt)
-      val = evaluate_split(setup, _variables(state, "last"), "validation", during_training=True)
-      state = jax.device_put(_track_best(setup, state, val), shardings)
-      log.update(_scalars(val, "eval/validation/"))
+      if stage.select:
+        val = evaluate_split(setup, _variables(state, "last"), "validation",
+                             during_training=True)
+        state = jax.device_put(_track_best(setup, state, val), shardings)
+        log.update(_scalars(val, "eval/validation/"))
+      if stage.get("stop_when", "").startswith("eval/train/"):
+        log.update(_scalars(evaluate_split(setup, _variables(state, "last"), "train",
+                                           during_training=True), "eval/train/"))
       progress.pause(time.monotonic() - t)
       stopped_early = stage.patience > 0 and int(state.evals_since_best) >= stage.patience
+      if stage.get("stop_when") and _rule_holds(setup, log, step):
+        stopped_early = True
     if log:
       writer.write(step, log)
     preempted = _preempted(step)
@@ -558,10 +596,28 @@ def finish_stage(setup: StageSetup, state: TrainState) -> dict:
     result = evaluate_split(setup, variables, split, bootstrap=setup.stage.bootstrap)
     metrics.update({f"{split}/{k}": v for k, v in result.items()})
   stage_result = {"step": step, "checkpoint": which, "metrics": metrics}
-  table = [table_row(setup.name, setup.task.headline, metrics)] if setup.task.in_table else []
+  table = stage_rows(setup.name, setup.task, metrics)
   metric_writers.write_json_atomic(setup.dir / "results.json",
                                    {"stages": {setup.name: stage_result}, "table": table})
   return stage_result
+
+
+def stage_rows(name: str, task, metrics: dict) -> list[dict]:
+  """The stage's rows of results.json's table (Task.table_rows; none if not in_table)."""
+  if not task.in_table:
+    return []
+  rows = []
+  for suffix, prefix in task.table_rows():
+    own = {f"test/{k[len('test/' + prefix):]}": v for k, v in metrics.items()
+           if k.startswith(f"test/{prefix}")}
+    rows.append(table_row(name + suffix, task.headline, own))
+  return rows
+
+
+def table_columns(task, keys: set[str]) -> set[str]:
+  """The metric names a stage's table rows can show, from its declared metric keys."""
+  return {k[len(prefix):] for _, prefix in task.table_rows() for k in keys
+          if k.startswith(prefix)}
 
 
 def table_row(name: str, headline: str, metrics: dict) -> dict:
@@ -639,7 +695,8 @@ def stage_order(config) -> list[str]:
 def _check_columns(setups: list[StageSetup]) -> None:
   """Every column of the printed table is a metric some stage in the table declares (a
   stage may lack one: GLAM's global stage has no fused map)."""
-  declared = set().union(*[s.metric_keys for s in setups if s.task.in_table])
+  declared = set().union(*[table_columns(s.task, s.metric_keys) for s in setups
+                           if s.task.in_table])
   missing = sorted({c for s in setups if s.task.in_table for c in s.task.columns} - declared)
   if missing:
     raise ValueError(f"table columns {missing} are declared by no stage's task or evaluators")
@@ -670,7 +727,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _barrier("workdir created")
     _run_stages(setups, finished, records, workdir)
     columns = [c for s in setups if s.task.in_table for c in s.task.columns]
-    return collect_results(workdir, [s.name for s in setups], list(dict.fromkeys(columns)))
+    results = collect_results(workdir, [s.name for s in setups], list(dict.fromkeys(columns)))
+    tasks.finish_run(config, workdir, results)
+    return results
   finally:
     lock.release()
 

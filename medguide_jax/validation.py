@@ -88,6 +88,8 @@ _STAGE_RANGES = {
 }
 _STAGE_REGEXES = ("freeze", "opt.weight_decay_mask", "opt.freeze_steps_params")
 _SELECT = re.compile(r"(min|max):val/.+")
+STOP_WHEN = re.compile(r"(?P<key>(?:eval/(?:train|validation)|train)/[^<>=\s]+)\s*"
+                       r"(?P<op>>=|<=|>|<)\s*(?P<value>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)")
 
 
 def _check_references(name: str, key: str, spec: str, stages) -> None:
@@ -110,6 +112,10 @@ def _check_stage(name: str, stage: ml_collections.ConfigDict, stages) -> None:
   if stage.select and not _SELECT.fullmatch(stage.select):
     raise ConfigError(f"{prefix}.select={stage.select!r}: expected '' (the last parameters), "
                       "'min:val/<metric>' or 'max:val/<metric>'")
+  if stage.get("stop_when") and not STOP_WHEN.fullmatch(stage.stop_when):
+    raise ConfigError(f"{prefix}.stop_when={stage.stop_when!r}: expected '<metric><op><value>'"
+                      " with op one of > >= < <= and a metric under eval/train/, "
+                      "eval/validation/ or train/, e.g. 'eval/train/bag/auc>0.98'")
   if stage.opt.warmup_steps > stage.num_steps:
     raise ConfigError(f"{prefix}.opt.warmup_steps={stage.opt.warmup_steps}: must be <= "
                       f"num_steps={stage.num_steps}")

@@ -121,6 +121,10 @@ NOTEBOOKS = {
     "explore_glam.ipynb": ("medguide_jax.load_run(WORKDIR)", "results.json", "metrics.jsonl",
                            'dataset("test", train=False)', "run.predict(", "picture_maps(",
                            "visualization", "dice_per_image("),
+    "explore_missing_modality.ipynb": ("medguide_jax.load_run(WORKDIR)", "results.json",
+                                       "metrics.jsonl", 'dataset("test", train=False)',
+                                       "run.predict(", "predictions.csv", "attention_m",
+                                       "auc_vs_missing_rate.png"),
 }
 
 

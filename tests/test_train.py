@@ -343,3 +343,32 @@ def test_accumulated_step_compiles_without_all_gathers_on_4_devices(tmp_path):
                 ("strided", "contiguous"))
   assert counts["strided"] == "0"
   assert int(counts["contiguous"]) > 0  # the check can fail: the old split needs them
+
+
+def test_stop_when_stops_at_the_first_evaluation_where_it_holds_and_a_resume_stays_stopped(
+    tmp_path):
+  c = helpers.tiny_guidance_config(steps=8)
+  s = c.stages.inferior
+  s.eval_every, s.checkpoint_every, s.patience = 2, 8, 0
+  s.stop_when = "eval/train/loss<1e9"   # holds at the first evaluation (step 2)
+  train.train_and_evaluate(c, str(tmp_path))
+  lines = helpers.metrics_lines(tmp_path / "inferior" / "metrics.jsonl")
+  assert max(l["step"] for l in lines) == 2
+  assert "eval/train/loss" in lines[-1] and "eval/validation/loss" in lines[-1]
+  record = json.loads((tmp_path / "inferior" / "stop_when.json").read_text())
+  assert record["step"] == 2 and record["rule"] == s.stop_when
+  # A rerun (everything finished) and a resume from the stopping checkpoint train no more.
+  (tmp_path / "inferior" / "results.json").unlink()
+  train.train_and_evaluate(c, str(tmp_path))
+  assert max(l["step"] for l in helpers.metrics_lines(
+      tmp_path / "inferior" / "metrics.jsonl")) == 2
+
+
+@pytest.mark.parametrize("rule", ["train/loss", "val/auc>0.5", "eval/test/auc>0.5",
+                                  "train/loss>>1"])
+def test_a_malformed_stop_when_is_a_config_error(tmp_path, rule):
+  c = helpers.tiny_guidance_config()
+  c.stages.inferior.stop_when = rule
+  with pytest.raises(train.ConfigError, match="stop_when"):
+    train.train_and_evaluate(c, str(tmp_path))
+  assert not (tmp_path / "inferior").exists()

@@ -173,7 +173,8 @@ def test_registry_and_feature_dim():
 
 @pytest.mark.parametrize("fn", [resnet.get_encoder, resnet.feature_dim])
 def test_unknown_encoder_error_unchanged(fn):
-  names = ["resnet18", "resnet34", "resnet50", "tiny_cnn", "vit_b16", "vit_s16", "vit_tiny"]
+  names = ["resnet18", "resnet34", "resnet50", "tiny_cnn", "vgg16_bn", "vit_b16", "vit_s16",
+           "vit_tiny"]
   with pytest.raises(ValueError) as err:
     fn("vit_l16")
   assert str(err.value) == f"Unknown encoder 'vit_l16'; valid names: {names}."

@@ -243,6 +243,24 @@ def bag_example(record: Mapping, rng: np.random.Generator | None, *, image_size:
           "label": np.int32(record["label"])}
 
 
+def feature_bag_example(record: Mapping, rng: np.random.Generator | None, *, max_tiles: int
+                        ) -> dict[str, np.ndarray]:
+  """A 'feature_bags' record -> {'features' float32 [max_tiles, D], 'tile_mask' bool
+  [max_tiles], 'clinical', 'label'}: one shape for every slide, so slides batch together. A
+  slide with more tiles keeps max_tiles of them: a random subset in training (`rng`
+  given), evenly spaced ones in evaluation."""
+  n = int(record["num_tiles"])
+  x = np.asarray(record["features"], np.float32)[:n]
+  if n > max_tiles:
+    keep = (np.sort(rng.choice(n, max_tiles, replace=False)) if rng is not None
+            else np.linspace(0, n - 1, max_tiles).round().astype(int))
+    x = x[keep]
+  features, mask = pad_features(x, max_tiles)
+  return {"features": features, "tile_mask": mask,
+          "clinical": np.asarray(record["clinical"], np.float32),
+          "label": np.int32(record["label"])}
+
+
 def check_patient_splits(patients_by_split: Mapping[str, Sequence[str]], where: str) -> None:
   """A patient in two splits is an error naming it and both splits."""
   seen: dict[str, str] = {}

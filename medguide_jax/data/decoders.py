@@ -36,13 +36,23 @@ def _mammo(data: ml_collections.ConfigDict) -> Decoder:
 
 
 def _bags(data: ml_collections.ConfigDict) -> Decoder:
+  """Tiles resized to data.image_size (0: kept at their size)."""
   def decode(record, rng, *, augment):
-    return bags.bag_example(record, rng if augment else None, image_size=data.image_size)
+    return bags.bag_example(record, rng if augment else None,
+                            image_size=data.image_size or None)
+  return decode
+
+
+def _feature_bags(data: ml_collections.ConfigDict) -> Decoder:
+  def decode(record, rng, *, augment):
+    return bags.feature_bag_example(record, rng if augment else None,
+                                    max_tiles=data.max_tiles)
   return decode
 
 
 DECODERS: dict[str, Callable[[ml_collections.ConfigDict], Decoder]] = {
-    "paired": _paired, "images": _images, "mammo": _mammo, "bags": _bags}
+    "paired": _paired, "images": _images, "mammo": _mammo, "bags": _bags,
+    "feature_bags": _feature_bags}
 
 
 def for_dataset(data: ml_collections.ConfigDict) -> Decoder:

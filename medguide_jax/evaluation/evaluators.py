@@ -30,6 +30,7 @@ REGISTRY = {
     "robustness": "medguide_jax.evaluation.robustness:Robustness",
     "predictions_csv": "medguide_jax.evaluation.glam_outputs:PredictionsCSV",
     "pictures": "medguide_jax.evaluation.glam_outputs:Pictures",
+    "missing_rate": "medguide_jax.evaluation.missing_rate:MissingRate",
 }
 
 

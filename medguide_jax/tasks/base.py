@@ -107,6 +107,13 @@ class Task:
     default is the decoder the dataset's record layout declares (data/decoders.py)."""
     return self._layout_decoder(record, rng, augment=augment)
 
+  def table_rows(self) -> list[tuple[str, str]]:
+    """(row-name suffix, metric prefix) of each row this stage puts in results.json's table:
+    the row '<stage><suffix>' holds the test metrics under the prefix, unprefixed (so the
+    headline and columns name them without it). One row of every metric by default; the
+    missing_modality method gives one per inference policy ('multimodal/zero_fill')."""
+    return [("", "")]
+
   def on_log(self, step: int, scalars: dict[str, float]) -> None:
     """Called on process 0's log steps with the scalars just logged (collapse warnings)."""
     del step, scalars
