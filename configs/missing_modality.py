@@ -43,9 +43,9 @@ import ml_collections
 
 from configs import common
 
-# dataset arg -> (data.name, tile size fed to the network: 0 keeps the stored size)
+# dataset arg -> (data.name, the side tiles are resized to before the network)
 DATASETS = {
-    "synthetic": ("synthetic_bags", 0),
+    "synthetic": ("synthetic_bags", 32),
     "bcnb": ("bcnb", 224),
     "ham10000_clinical": ("ham10000_clinical", 64),
     "tcga": ("tcga_lung_tiles", 64),
@@ -70,7 +70,7 @@ SIZES = {
 }
 # Training bags of each dataset, to turn epochs into steps in the config (the schedule's
 # epochs are counted by the trainer from the split itself).
-TRAIN_BAGS = {"synthetic_bags": 2900, "bcnb": 4498, "ham10000_clinical": 537,
+TRAIN_BAGS = {"synthetic_bags": 1557, "bcnb": 4498, "ham10000_clinical": 537,
               "tcga_lung_tiles": 11}
 
 
@@ -86,7 +86,8 @@ def _stage(task: str, sz: dict, train_bags: int, arg) -> ml_collections.ConfigDi
       eval_every=sz["eval_epochs"] * per_epoch, log_every=max(per_epoch // 2, 1),
       select=f"max:val/{policy}/missing_0.0/auc", bootstrap=sz["bootstrap"],
       stop_when="eval/train/bag/auc>0.98",  # BALNMP's early stop, bag-level training AUC
-      evals={"missing_rate": {"every_eval": True, "masks": sz["masks"]}})
+      evals={"missing_rate": {"every_eval": True, "masks": sz["masks"],
+                              "rates": "0,0.2,0.4,0.6,0.8,1.0", "aggregate": "mean"}})
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -106,7 +107,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.image_size = tile
   c.data.max_tiles = 256            # feature mode: tiles per slide fed to the aggregator
   c.data.encoder = ""               # feature mode: the encoder the features must come from
-  c.data.clinical_names = []        # [] = whatever the dataset has; else checked against it
+  c.data.clinical_names = ()        # () = whatever the dataset has; else checked against it
   c.model = ml_collections.ConfigDict(dict(
       encoder="" if arg.features else sz["encoder"],
       encoder_kwargs={"width": sz["width"]},

@@ -175,7 +175,10 @@ class BagFeaturesConfig(tfds.core.BuilderConfig):
             "image_size": self.image_size, "batch_size": self.batch_size}
 
 
-class BagFeatures(tfds.core.GeneratorBasedBuilder):
+# skip_registration: `python -m data_prep.features` runs this file as __main__ and then
+# imports it again through the registry (builders.DATASETS), which would register the class
+# twice in TFDS; the project finds builders through its own registry only.
+class BagFeatures(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Per-slide feature bags (module docstring): `bag_features:<tag>`."""
 
   name = "bag_features"

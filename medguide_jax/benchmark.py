@@ -14,6 +14,14 @@ SwAV: `--config=configs/ssl_pretrain.py:size=paper` times the ResNet-50 2x224 + 
 (`:size=cpu` the CPU-sized one; lower --config.stages.pretrain.batch_size to fit), and
 `--sinkhorn_batches=256,4096` adds Sinkhorn's cost at K = model.num_prototypes.
 
+missing_modality: `--config=configs/missing_modality.py --stage=bd` adds tiles_per_bag and
+tiles_per_sec (examples are bags; `:features` for feature mode). Its data: `--bags=synthetic_bags` (any prepared 'bags' dataset; no --config)
+times BALNMP tiling of a generated 4096x4096 JPEG slide (polygon crop, white padding, the
+white-fraction rule: tiling_tiles_per_sec), feature extraction with `--bag_encoder`
+(default random:tiny_cnn, or a finished stage dir; features_tiles_per_sec, after a warm-up
+call) and the grain pipeline of bag batches (decode + augment of 10-tile bags:
+pipeline_bags_per_sec at --bag_batch_size).
+
 GLAM: `--config=configs/glam.py:size=full --stage=joint --inference` times a training step
 and the full-resolution inference (global module, patch selection, local module and the
 2944x1920 fused map) at the stage's eval batch size. `step_memory_gb` / `inference_memory_gb`
@@ -44,6 +52,11 @@ _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after 3 warm-up steps).
 _PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 30, "Batches to time the input.")
 _INFERENCE = flags.DEFINE_bool(
     "inference", False, "Also time the task's predict step (eval mode) on one eval batch.")
+_BAGS = flags.DEFINE_string("bags", "", "A prepared 'bags' dataset: time tiling, feature "
+                            "extraction and its bag input pipeline instead of a stage.")
+_BAG_ENCODER = flags.DEFINE_string("bag_encoder", "random:tiny_cnn",
+                                   "--bags: the frozen encoder of feature extraction.")
+_BAG_BATCH = flags.DEFINE_integer("bag_batch_size", 8, "--bags: bags per pipeline batch.")
 _SINKHORN = flags.DEFINE_list(
     "sinkhorn_batches", [], "ssl: also cost Sinkhorn (K = model.num_prototypes, 2 assign crops) "
     "at these global batch sizes, e.g. 256,4096, against the step's cost per example.")
@@ -152,6 +165,19 @@ def time_pipeline(setup, batches: int) -> float:
   return n / (time.perf_counter() - t)
 
 
+def instances_per_sec(setup, examples_per_sec: float) -> dict:
+  """Bags (multiple-instance learning): the step's tiles/s, from the tiles of a bag (end to
+  end) or the mean unpadded tiles of a slide (feature mode); {} for other data."""
+  batch = next(iter(setup.dataset("train", train=True)))
+  if "tiles" in batch:
+    per_bag = float(batch["tiles"].shape[1])
+  elif "tile_mask" in batch:
+    per_bag = float(np.mean(np.sum(batch["tile_mask"], axis=1)))
+  else:
+    return {}
+  return {"tiles_per_bag": per_bag, "tiles_per_sec": examples_per_sec * per_bag}
+
+
 def sinkhorn_cost(batch: int, num_prototypes: int, *, num_iters: int = 3,
                   assign_crops: int = 2, repeats: int = 5) -> dict:
   """XLA's cost analysis and the measured time of SwAV's codes for one step: Sinkhorn
@@ -173,8 +199,56 @@ def sinkhorn_cost(batch: int, num_prototypes: int, *, num_iters: int = 3,
           "bytes_accessed": float(cost.get("bytes accessed", float("nan"))), "time_sec": best}
 
 
+def bag_data_throughput(dataset: str, encoder: str, *, batch_size: int, batches: int) -> dict:
+  """Tiles/s of BALNMP tiling and of feature extraction, bags/s of the bag pipeline."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from data_prep import features  # pylint: disable=g-import-not-at-top
+  from medguide_jax.data import bags, builders, pipeline, slides  # pylint: disable=g-import-not-at-top
+  builder = builders.prepare(dataset)
+  source = builder.as_data_source(split="train")
+  tile_size = int(builder.info.metadata.get("tile_size") or 0) or None
+  with tempfile.TemporaryDirectory() as tmp:
+    rng = np.random.default_rng(0)
+    pixels = (rng.random((4096, 4096, 3)) * 80 + 150).astype(np.uint8)  # tissue-like, not white
+    path = f"{tmp}/slide.jpg"
+    Image.fromarray(pixels).save(path, quality=90)
+    t = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+    polygon = np.stack([2048 + 1900 * np.cos(t), 2048 + 1900 * np.sin(t)], 1)
+    start = time.perf_counter()
+    cut = bags.slide_tiles(path, [polygon.tolist()])
+    tiling = len(cut.tiles) / (time.perf_counter() - start)
+  tiles = [t for i in range(min(len(source), 200)) for t in source[i]["tiles"]][:1024]
+  frozen = features.load_encoder(encoder, batch_size=64)
+  frozen.embed(tiles[:64])  # compile
+  start = time.perf_counter()
+  frozen.embed(tiles)
+  extraction = len(tiles) / (time.perf_counter() - start)
+  decode = lambda record, rng: bags.bag_example(record, rng, image_size=tile_size)
+  ds = pipeline.make_dataset(source, example_fn=decode, global_batch_size=batch_size,
+                             rows=(0, batch_size), seed=0, train=True, num_batches=batches + 1)
+  it = iter(ds)
+  next(it)
+  start = time.perf_counter()
+  for _ in range(batches):
+    next(it)
+  return {"data": dataset, "slide_tiles": len(cut.tiles), "tile_size": slides.TILE,
+          "tiling_tiles_per_sec": tiling, "encoder": encoder,
+          "features_tiles_per_sec": extraction, "features_tiles": len(tiles),
+          "bag_batch_size": batch_size,
+          "pipeline_bags_per_sec": batches * batch_size / (time.perf_counter() - start),
+          "peak_host_memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
 def main(argv) -> int:
   del argv
+  if _BAGS.value:
+    result = bag_data_throughput(_BAGS.value, _BAG_ENCODER.value, batch_size=_BAG_BATCH.value,
+                                 batches=_PIPELINE_BATCHES.value)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+    return 0
+  if _CONFIG.value is None:
+    print("error: --config is required (or --bags=<a bag dataset>)", file=sys.stderr)
+    return 2
   config = _CONFIG.value
   workdir = epath.Path(tempfile.gettempdir()) / "medguide_benchmark"  # nothing is written
   name = _STAGE.value or train.stage_order(config)[0]
@@ -196,6 +270,7 @@ def main(argv) -> int:
   stats = getattr(jax.devices()[0], "memory_stats", lambda: None)() or {}
   if "peak_bytes_in_use" in stats:
     result["peak_device_memory_gb"] = stats["peak_bytes_in_use"] / 2**30
+  result.update(instances_per_sec(setup, result["examples_per_sec"]))
   result["pipeline_examples_per_sec"] = time_pipeline(setup, _PIPELINE_BATCHES.value)
   result["pipeline_to_step_ratio"] = (result["pipeline_examples_per_sec"]
                                       / result["examples_per_sec"])
@@ -215,5 +290,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("config")
   app.run(lambda argv: sys.exit(main(argv)))

@@ -43,3 +43,31 @@ def test_benchmark_times_glam_inference_and_its_memory():
     assert result[key] > 0, key
   assert result["inference_examples_per_sec"] == pytest.approx(
       4 / result["inference_time_sec"], rel=0.02)
+
+
+def test_benchmark_times_tiling_feature_extraction_and_the_bag_pipeline():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "medguide_jax.benchmark", "--bags=synthetic_bags:tiny",
+         "--pipeline_batches=2", "--bag_batch_size=4"]
+  proc = subprocess.run(cmd, cwd=helpers.ROOT, env=env, capture_output=True, text=True,
+                        timeout=helpers.HANG_GUARD_S)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][0])
+  for key in ("tiling_tiles_per_sec", "features_tiles_per_sec", "pipeline_bags_per_sec"):
+    assert result[key] > 0, key
+  # the generated 4096 x 4096 slide: a disc of radius 1900 inside a 15 x 15 grid of tiles
+  assert 100 < result["slide_tiles"] <= 225
+
+
+def test_benchmark_counts_the_tiles_of_a_bag_step():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "medguide_jax.benchmark",
+         "--config=configs/missing_modality.py:smoke,stages=bd",
+         "--config.data.name=synthetic_bags:tiny", "--config.data.image_size=16",
+         "--config.model.encoder_kwargs.width=4", "--steps=2", "--pipeline_batches=2"]
+  proc = subprocess.run(cmd, cwd=helpers.ROOT, env=env, capture_output=True, text=True,
+                        timeout=helpers.HANG_GUARD_S)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][0])
+  assert result["tiles_per_bag"] == 10
+  assert result["tiles_per_sec"] == pytest.approx(10 * result["examples_per_sec"])

@@ -1,12 +1,19 @@
 """missing_modality: the missing-rate sweep against hand computations, and the task's losses."""
 from __future__ import annotations
 
+import csv
+import json
+import os
+import subprocess
+import sys
 import types
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from medguide_jax.evaluation import evaluators, metrics as metrics_lib, missing_rate as mr
+from tests import helpers
 
 
 def test_masks_take_round_r_p_patients_and_depend_on_seed_mask_and_rate_only():
@@ -81,3 +88,95 @@ def test_bags_of_one_patient_must_share_a_label_and_bad_options_are_named():
     mr.MissingRate(task, name="m", rates="0,1.2")
   with pytest.raises(ValueError, match="aggregate='median'"):
     mr.MissingRate(task, name="m", aggregate="median")
+
+
+# --------------------------------------------------------------------------- end to end
+TINY = ["--config.data.name=synthetic_bags:tiny", "--config.data.image_size=16",
+        "--config.model.encoder_kwargs.width=4"]
+
+
+def _stage_args(stage: str, steps: int = 6) -> list[str]:
+  return [f"--config.stages.{stage}.{k}={v}" for k, v in (
+      ("num_steps", steps), ("batch_size", 8), ("eval_every", 3), ("log_every", 1),
+      ("checkpoint_every", steps), ("bootstrap", 20), ("evals.missing_rate.masks", 2))]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  """multimodal, wsi_only and bd on the tiny synthetic bags (a run check, not a result)."""
+  workdir = tmp_path_factory.mktemp("mm")
+  stages = ("multimodal", "wsi_only", "bd")
+  args = TINY + [a for s in stages for a in _stage_args(s)]
+  proc = helpers.run_main(workdir, args, config_file="configs/missing_modality.py",
+                          config_arg=f"smoke,stages={'+'.join(stages)}")
+  return workdir, proc
+
+
+def test_the_method_writes_one_row_per_stage_and_policy_with_every_rate(tiny_run):
+  workdir, proc = tiny_run
+  results = json.loads((workdir / "results.json").read_text())
+  rows = {r["model"]: r for r in results["table"]}
+  assert set(rows) == {"multimodal/zero_fill", "multimodal/mean_fill", "wsi_only", "bd"}
+  for row in rows.values():
+    assert list(row)[1] == "missing_0.8/auc"  # the headline first
+    for r in mr.RATES:
+      assert 0 <= row[f"{mr.rate_key(r)}/auc"] <= 1
+      lo, hi = row[f"{mr.rate_key(r)}/auc_ci95"]
+      assert lo <= hi
+  # wsi_only never sees clinical data: every rate gives the same patients' probabilities
+  assert len({rows["wsi_only"][f"{mr.rate_key(r)}/auc"] for r in mr.RATES}) == 1
+  # at rate 0 nobody misses data: the two fill policies are the same model on the same input
+  assert (rows["multimodal/zero_fill"]["missing_0.0/auc"]
+          == rows["multimodal/mean_fill"]["missing_0.0/auc"])
+  assert "| bd |" in proc.stdout and "| multimodal/zero_fill |" in proc.stdout
+  lines = helpers.metrics_lines(workdir / "bd" / "metrics.jsonl")
+  assert {"train/ce_m", "train/ce_s", "train/kd_m2s", "train/feat_s2m"} <= set(lines[0])
+  assert "eval/validation/route/missing_0.0/auc" in lines[-1]
+  assert "eval/train/bag/auc" in lines[-1]  # BALNMP's stop_when reads it
+
+
+def test_predictions_and_the_plot(tiny_run):
+  workdir, _ = tiny_run
+  with open(workdir / "bd" / "predictions.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 24 and set(rows[0]) == {"patient", "label", "probs", "probs_absent/route"}
+  assert len({r["patient"] for r in rows}) == 24
+  with Image.open(workdir / "auc_vs_missing_rate.png") as im:
+    assert im.size[0] > 300
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  events = event_accumulator.EventAccumulator(str(workdir), size_guidance={"images": 0})
+  events.Reload()
+  assert "auc_vs_missing_rate" in events.Tags()["images"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.stages.bd.evals.missing_rate.rates=0,1.5", "rates [1.5] outside [0, 1]"),
+    ("--config.data.clinical_names=('age',)", "data.clinical_names=['age'] but dataset"),
+    ("--config.mm.inference=both", "mm.inference='both'"),
+])
+def test_bad_method_settings_exit_2_before_anything_is_written(tmp_path, override, message):
+  proc = helpers.run_main(tmp_path / "w", TINY + [override], config_file="configs/missing_modality.py",
+                          config_arg="smoke,stages=bd", check=False)
+  assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+  assert not (tmp_path / "w").exists()
+
+
+def test_feature_mode_trains_on_per_slide_features_and_checks_their_encoder(tmp_path):
+  data_dir = tmp_path / "data"
+  env = {"MEDGUIDE_DATA_DIR": str(data_dir)}
+  subprocess.run([sys.executable, "-m", "data_prep.features", "--dataset=synthetic_bags:tiny",
+                  "--encoder=random:tiny_cnn", "--tag=tiny_random", "--batch_size=32"],
+                 cwd=helpers.ROOT, env={**os.environ, **env}, check=True, capture_output=True,
+                 timeout=helpers.HANG_GUARD_S)
+  args = ["--config.data.name=bag_features:tiny_random", "--config.data.max_tiles=64",
+          *_stage_args("bd")]
+  helpers.run_main(tmp_path / "w", args, env=env, config_file="configs/missing_modality.py",
+                   config_arg="smoke,features,stages=bd")
+  rows = json.loads((tmp_path / "w" / "results.json").read_text())["table"]
+  assert [r["model"] for r in rows] == ["bd"] and 0 <= rows[0]["missing_0.8/auc"] <= 1
+  proc = helpers.run_main(tmp_path / "w2", args + ["--config.data.encoder=random:resnet18"],
+                          env=env, config_file="configs/missing_modality.py",
+                          config_arg="smoke,features,stages=bd", check=False)
+  assert proc.returncode == 2
+  assert "data.encoder='random:resnet18' but the features" in proc.stderr
+  assert "made by 'random:tiny_cnn'" in proc.stderr and not (tmp_path / "w2").exists()

@@ -42,6 +42,7 @@ _REGISTRY = {
     "nyu_glam_sample": "data_prep.mammo_exams:NyuGlamSample",
     "nyu_bcc_sample": "data_prep.mammo_exams:NyuBccSample",
     "cbis_ddsm": "data_prep.mammo_exams:CbisDdsm",
+    "synthetic_bags": "medguide_jax.data.synthetic_bags:SyntheticBags",
     "bcnb": "data_prep.slide_cohorts:Bcnb",
     "wsi_folder": "data_prep.slide_cohorts:WsiFolder",
     "tcga_lung_tiles": "data_prep.bag_samples:TcgaLungTiles",
