@@ -69,7 +69,6 @@ leaves nothing behind (builders.prepare removes its folder).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -77,13 +76,13 @@ from typing import Iterator, Mapping, Sequence
 import zlib
 
 from absl import logging
-from etils import epath
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
 from data_prep import image_folder
 from medguide_jax.data import bags
+from medguide_jax.data import builders
 from medguide_jax.data import clinical
 from medguide_jax.data import images
 from medguide_jax.data import slides
@@ -773,15 +772,8 @@ class WsiFolder(_SlideCohort):
                  magnification=None if magnification is None else float(magnification),
                  min_tissue=None if min_tissue is None else float(min_tissue))
     given = {k: v for k, v in given.items() if v is not None}
-    stored = self._stored_options(kwargs.get("data_dir"), name)
-    if stored is not None:
-      conflicts = {k: (stored.get(k), v) for k, v in given.items() if stored.get(k) != v}
-      if conflicts:
-        raise ValueError(
-            f"wsi_folder:{name} is already prepared with other options "
-            f"{{option: (prepared, asked)}} = {conflicts}; use another tag for other options "
-            "(or delete its folder under data_dir/wsi_folder/).")
-    options = {**WsiFolderConfig(name=name).options(), **(stored or {}), **given}
+    options = builders.tagged_options(type(self), kwargs.get("data_dir"), name, given,
+                                      WsiFolderConfig(name=name).options())
     config = WsiFolderConfig(name=name, description=f"User slide cohort {name!r}.", **options)
     _check_common(config)
     parse_clinical(config.clinical)
@@ -793,20 +785,6 @@ class WsiFolder(_SlideCohort):
       raise ValueError(f"min_tissue={config.min_tissue} must be in (0, 1]")
     kwargs["config"] = config
     super().__init__(workers=workers, **kwargs)
-
-  @classmethod
-  def _stored_options(cls, data_dir, name: str) -> dict | None:
-    """The options a prepared tag was built with (from its metadata.json), else None."""
-    if not data_dir:
-      return None
-    path = epath.Path(os.fspath(data_dir)) / cls.name / name / str(cls.VERSION)
-    if not (path / "dataset_info.json").exists() or not (path / "metadata.json").exists():
-      return None
-    options = dict(json.loads((path / "metadata.json").read_text()).get("options") or {})
-    for key in ("clinical", "missing"):
-      if options.get(key) is not None:
-        options[key] = tuple(options[key])  # JSON gives a list
-    return options
 
   def _tiling(self, path: str) -> bags.TilingOptions:
     """The tiling of one slide: its level from `magnification` when given."""

@@ -45,6 +45,9 @@ _PAIRS = flags.DEFINE_list("pairs", [], "Paired differences `a:b` (a minus b); `
                            flag_values=_FLAGS)
 _OUT = flags.DEFINE_string("out", "", "Also write PREFIX.json, PREFIX.md and PREFIX.svg.",
                            flag_values=_FLAGS)
+_METRICS = flags.DEFINE_list(
+    "metrics", [], "Only these table metrics, in this order (the first is the headline); "
+    "default: every one, the runs' headline first.", flag_values=_FLAGS)
 
 
 class ReportError(Exception):
@@ -196,9 +199,17 @@ def parse_pairs(pairs: Sequence[str], models: Sequence[str]) -> list[tuple[str, 
   return out
 
 
-def make_report(workdirs: Sequence[str], pairs: Sequence[str] = ()) -> dict:
-  """collect + every model x metric cell + the paired differences, as one JSON-able dict."""
+def make_report(workdirs: Sequence[str], pairs: Sequence[str] = (),
+                metrics: Sequence[str] = ()) -> dict:
+  """collect + every model x metric cell + the paired differences, as one JSON-able dict;
+  `metrics` keeps those metrics only, in that order (a name no run has is a ReportError)."""
   collected = collect(workdirs)
+  if metrics:
+    unknown = [m for m in metrics if m not in collected["metrics"]]
+    if unknown:
+      raise ReportError(f"--metrics {unknown}: no run's table has them; they have "
+                        f"{collected['metrics']}")
+    collected = {**collected, "metrics": list(metrics), "headline": metrics[0]}
   pair_list = parse_pairs(pairs, collected["models"])
   _check_runs(collected)
   return {
@@ -338,13 +349,14 @@ def write_outputs(report: dict, prefix: str) -> list[str]:
   return [str(p) for p in paths]
 
 
-def run(workdirs: Sequence[str], pairs: Sequence[str] = (), out: str = "") -> int:
+def run(workdirs: Sequence[str], pairs: Sequence[str] = (), out: str = "",
+        metrics: Sequence[str] = ()) -> int:
   """Prints the Markdown report (and writes the --out files); the exit code."""
   if not workdirs:
     print("report: --workdirs is required (comma-separated)", file=sys.stderr)
     return 2
   try:
-    report = make_report(workdirs, pairs)
+    report = make_report(workdirs, pairs, metrics)
   except ReportError as e:
     print(f"report: {e}", file=sys.stderr)
     return 2
@@ -382,7 +394,7 @@ def main(argv: Sequence[str]) -> int:
   if stray:
     print(f"report: unexpected arguments: {' '.join(stray)}", file=sys.stderr)
     return 2
-  return run(_WORKDIRS.value or [], _PAIRS.value or [], _OUT.value)
+  return run(_WORKDIRS.value or [], _PAIRS.value or [], _OUT.value, _METRICS.value or [])
 
 
 if __name__ == "__main__":

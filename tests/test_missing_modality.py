@@ -69,7 +69,7 @@ def test_patients_average_their_bags_and_rates_switch_to_the_absent_prediction(t
   # the Youden threshold found on validation (complete data) is used on test
   threshold = mr.youden_threshold(y, mean(present))
   test = ev.run(ctx("test"))
-  assert test["zero_fill/missing_0.0/accuracy@youden"] == pytest.approx(
+  assert test["zero_fill/missing_0.0/accuracy_at_youden"] == pytest.approx(
       mr.threshold_metrics(y, mean(present), threshold)["accuracy"])
   assert set(out) == ev.keys()
   rows = (tmp_path / "predictions.csv").read_text().splitlines()

@@ -201,3 +201,12 @@ def test_different_experiments_take_the_union_with_n_per_cell(workdirs, tmp_path
   assert "different models" in capsys.readouterr().err
   text = report.markdown(r)
   assert "| probe | 0.600 (n=1) | - |" in text and "| probe | - | - | - | 0.600 |" in text
+
+
+def test_metrics_keeps_those_columns_in_order_the_first_the_headline(workdirs, capsys):
+  assert report.main(["report", f"--workdirs={','.join(workdirs)}", "--metrics=auc"]) == 0
+  text = capsys.readouterr().out
+  assert "| model | auc |" in text and "balanced_accuracy" not in text
+  assert "test auc per seed" in text and "| finetune | 0.900 | 0.880 | 0.910 |" in text
+  assert report.main(["report", f"--workdirs={','.join(workdirs)}", "--metrics=dice"]) == 2
+  assert "--metrics ['dice']: no run's table has them" in capsys.readouterr().err

@@ -236,6 +236,8 @@ def tagged_options(builder_cls: type[tfds.core.DatasetBuilder], data_dir, tag: s
     path = epath.Path(os.fspath(data_dir)) / builder_cls.name / tag / str(builder_cls.VERSION)
     if (path / "dataset_info.json").exists() and (path / "metadata.json").exists():
       stored = dict(json.loads((path / "metadata.json").read_text()).get("options") or {})
+      # JSON has no tuples: a tuple option comes back a list, and must compare equal.
+      stored = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
   if stored is not None:
     conflicts = {k: (stored.get(k), v) for k, v in given.items() if stored.get(k) != v}
     if conflicts:

@@ -8,8 +8,8 @@ the max of its bags'. Per inference policy and rate:
 
   <policy>/missing_<r>/auc                 mean over the masks of the patient-level AUC,
                                            with a bootstrap 95% interval over patients
-  <policy>/missing_<r>/{accuracy,f1,sensitivity,specificity}@0.5
-  <policy>/missing_<r>/{...}@youden        at the threshold maximising Youden's J on the
+  <policy>/missing_<r>/{accuracy,f1,sensitivity,specificity}_at_0.5
+  <policy>/missing_<r>/{...}_at_youden     at the threshold maximising Youden's J on the
                                            validation split with complete data (the paper
                                            reports at the ROC cut-off, BALNMP re-reports at 0.5)
 
@@ -103,7 +103,7 @@ class MissingRate(evaluators.Evaluator):
     self._youden: dict[str, float] = {}
 
   def keys(self) -> set[str]:
-    per_rate = ["auc"] + ([f"{m}@{t}" for m in THRESHOLD_METRICS for t in ("0.5", "youden")]
+    per_rate = ["auc"] + ([f"{m}_at_{t}" for m in THRESHOLD_METRICS for t in ("0.5", "youden")]
                           if self.binary else [])
     return {f"{p}/{rate_key(r)}/{m}" for p in self.task.policies for r in self.rates
             for m in per_rate}
@@ -158,7 +158,7 @@ class MissingRate(evaluators.Evaluator):
             per_mask = [threshold_metrics(labels, probs[k, :, 1], threshold)
                         for k in range(self.masks)]
             for m in THRESHOLD_METRICS:
-              result[f"{key}/{m}@{name}"] = float(np.mean([d[m] for d in per_mask]))
+              result[f"{key}/{m}_at_{name}"] = float(np.mean([d[m] for d in per_mask]))
     if ctx.split == "test":
       self._write_predictions(os.path.join(ctx.stage_dir, "predictions.csv"), table)
     return result
