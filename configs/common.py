@@ -52,6 +52,8 @@ def stage(task: str, *, num_steps: int, batch_size: int, opt: ml_collections.Con
   Fields the trainer reads:
     task: which tasks/<method>.py mode the stage runs (e.g. 'inferior', 'guidance').
     num_steps, batch_size (global, over all devices and processes), opt.
+    num_epochs: > 0 sets num_steps at run time to that many passes over the training split
+      (ceil(examples / batch_size) updates each), e.g. BALNMP's 200 epochs; 0 = num_steps.
     log_every, eval_every, checkpoint_every, keep_checkpoints: in steps. -1 (the default)
       derives them from num_steps at run time (eval and checkpoint every tenth, log twice
       per eval), so overriding num_steps never leaves them stale; 0 = never (the last step
@@ -80,7 +82,7 @@ def stage(task: str, *, num_steps: int, batch_size: int, opt: ml_collections.Con
       robustness, prediction files, pictures; medguide_jax/evaluation/evaluators.py).
       `--config.stages.S.evals.NAME.enabled=False` turns one off.
   """
-  block = dict(task=task, num_steps=num_steps, batch_size=batch_size, opt=opt,
+  block = dict(task=task, num_steps=num_steps, num_epochs=0.0, batch_size=batch_size, opt=opt,
                eval_batch_size=128, log_every=-1, eval_every=-1, checkpoint_every=-1,
                keep_checkpoints=2, select="", patience=0, stop_when="", init_from="", init_params="",
                freeze="", bootstrap=1000, train_examples=0, evals={}, teacher_from="",
@@ -89,6 +91,7 @@ def stage(task: str, *, num_steps: int, batch_size: int, opt: ml_collections.Con
   if unknown:
     raise ValueError(f"unknown stage fields: {sorted(unknown)}")
   block.update(kw)
+  block["num_epochs"] = float(block["num_epochs"])  # 1.5 epochs overrides as well as 20
   return ml_collections.ConfigDict(block)
 
 

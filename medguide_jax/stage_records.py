@@ -24,7 +24,7 @@ _VOLATILE_KEYS = ("resume", "profile_steps", "default_stage", "data.num_workers"
                   "data.data_dir", "data.manual_dir", "allow_resume_changes")
 # Stage fields a resume may change (--config.allow_resume_changes=...): they do not change
 # what was already trained.
-RESUMABLE_KEYS = ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+RESUMABLE_KEYS = ("num_steps", "num_epochs", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
                   "patience", "bootstrap")
 
 

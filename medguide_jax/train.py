@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 import signal
@@ -167,9 +168,13 @@ def _abstract_global(batch: dict, global_batch_size: int, mesh) -> dict:
                                                      sharding=sharding), batch)
 
 
-def resolve_stage(stage: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy of the stage block with its run-time-derived fields (-1) filled in."""
+def resolve_stage(stage: ml_collections.ConfigDict, steps_per_epoch: int | None = None
+                  ) -> ml_collections.ConfigDict:
+  """A copy of the stage block with its run-time-derived fields (-1) filled in; with
+  `num_epochs` > 0, num_steps is num_epochs passes over the training split."""
   s = ml_collections.ConfigDict(stage.to_dict())
+  if s.get("num_epochs", 0) > 0 and steps_per_epoch:
+    s.num_steps = int(math.ceil(s.num_epochs * steps_per_epoch))
   tenth = max(s.num_steps // 10, 1)
   if s.eval_every < 0:
     s.eval_every = tenth
@@ -198,7 +203,7 @@ class StageSetup:
 
   def __init__(self, config, name: str, workdir: epath.Path, mesh, data_sources=None):
     self.config, self.name, self.mesh = config, name, mesh
-    self.stage = stage = resolve_stage(config.stages[name])
+    stage = config.stages[name]
     self.dir = workdir / name
     self.tracing = False  # a profiler trace is open (config.profile_steps)
     if config.profile_steps and not re.fullmatch(r"\d+:\d+", config.profile_steps):
@@ -223,8 +228,10 @@ class StageSetup:
             lambda: mixture.Subset(train, stage.train_examples))}
       except ValueError as e:
         raise ConfigError(f"stages.{name}.{e}") from e
+    # Updates per pass over the training split: the unit of num_epochs and of the schedule.
+    epoch = -(-len(self.sources["train"]) // stage.batch_size)
+    self.stage = stage = resolve_stage(stage, epoch)
     try:  # schedule errors surface now, before any stage has written anything
-      epoch = -(-len(self.sources["train"]) // stage.batch_size)  # updates per epoch
       self.schedule = optim.make_schedule(stage.opt, stage.num_steps, epoch)  # the stage's one
     except ValueError as e:
       raise ConfigError(f"stages.{name}.opt: {e}") from e

@@ -71,7 +71,8 @@ def _check_regex(key: str, value: str) -> None:
 
 # (key suffix within a stage, kwargs of _check_range). -1 means "derived at run time".
 _STAGE_RANGES = {
-    "num_steps": dict(lo=0, integer=True), "batch_size": dict(lo=0, lo_open=True, integer=True),
+    "num_steps": dict(lo=0, integer=True), "num_epochs": dict(lo=0),
+    "batch_size": dict(lo=0, lo_open=True, integer=True),
     "eval_batch_size": dict(lo=0, lo_open=True, integer=True),
     "log_every": dict(lo=-1, integer=True), "eval_every": dict(lo=-1, integer=True),
     "checkpoint_every": dict(lo=-1, integer=True),
@@ -116,7 +117,7 @@ def _check_stage(name: str, stage: ml_collections.ConfigDict, stages) -> None:
     raise ConfigError(f"{prefix}.stop_when={stage.stop_when!r}: expected '<metric><op><value>'"
                       " with op one of > >= < <= and a metric under eval/train/, "
                       "eval/validation/ or train/, e.g. 'eval/train/bag/auc>0.98'")
-  if stage.opt.warmup_steps > stage.num_steps:
+  if stage.opt.warmup_steps > stage.num_steps and not stage.get("num_epochs", 0) > 0:
     raise ConfigError(f"{prefix}.opt.warmup_steps={stage.opt.warmup_steps}: must be <= "
                       f"num_steps={stage.num_steps}")
   for key in ("init_from", "teacher_from"):

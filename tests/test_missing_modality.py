@@ -97,7 +97,7 @@ TINY = ["--config.data.name=synthetic_bags:tiny", "--config.data.image_size=16",
 
 def _stage_args(stage: str, steps: int = 6) -> list[str]:
   return [f"--config.stages.{stage}.{k}={v}" for k, v in (
-      ("num_steps", steps), ("batch_size", 8), ("eval_every", 3), ("log_every", 1),
+      ("num_steps", steps), ("num_epochs", 0), ("batch_size", 8), ("eval_every", 3), ("log_every", 1),
       ("checkpoint_every", steps), ("bootstrap", 20), ("evals.missing_rate.masks", 2))]
 
 

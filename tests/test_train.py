@@ -372,3 +372,18 @@ def test_a_malformed_stop_when_is_a_config_error(tmp_path, rule):
   with pytest.raises(train.ConfigError, match="stop_when"):
     train.train_and_evaluate(c, str(tmp_path))
   assert not (tmp_path / "inferior").exists()
+
+
+def test_num_epochs_sets_num_steps_from_the_training_split_and_the_batch(tmp_path):
+  c = helpers.tiny_guidance_config(steps=99)
+  s = c.stages.inferior
+  s.train_examples, s.batch_size, s.num_epochs = 40, 16, 1.5  # 3 updates a pass: 4.5 -> 5
+  s.eval_every = s.checkpoint_every = -1
+  train.train_and_evaluate(c, str(tmp_path))
+  lines = helpers.metrics_lines(tmp_path / "inferior" / "metrics.jsonl")
+  assert max(l["step"] for l in lines) == 5
+  assert json.loads((tmp_path / "inferior" / "results.json").read_text())["stages"][
+      "inferior"]["step"] in range(1, 6)
+  resolved = train.resolve_stage(s, steps_per_epoch=3)
+  assert resolved.num_steps == 5 and resolved.eval_every == 1  # derived from the 5 steps
+  assert train.resolve_stage(s).num_steps == 99  # no epoch size known: num_steps stands
