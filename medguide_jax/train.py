@@ -433,6 +433,8 @@ def _rule_holds(setup: StageSetup, log: dict, step: int) -> bool:
   a resume from it stops too; one from an earlier checkpoint trains to it again)."""
   m = STOP_WHEN.fullmatch(setup.stage.stop_when)
   key, op, bound = m["key"], m["op"], float(m["value"])
+  if key.startswith("train/") and key not in log:
+    return False  # an evaluation that is not a log step: the rule waits for one that is
   if key not in log:
     raise ValueError(f"stages.{setup.name}.stop_when={setup.stage.stop_when!r}: this "
                      f"evaluation logged no {key!r}; it logged {sorted(log)}")
@@ -558,10 +560,11 @@ def train_stage(setup: StageSetup, workdir: epath.Path) -> TrainState:
     if (stage.select or stage.get("stop_when")) and _every(stage.eval_every, step, last):
       t = time.monotonic()
       _check_finite(setup, state, ckpt)
-      if stage.select:
+      if stage.select or stage.get("stop_when", "").startswith("eval/validation/"):
         val = evaluate_split(setup, _variables(state, "last"), "validation",
                              during_training=True)
-        state = jax.device_put(_track_best(setup, state, val), shardings)
+        if stage.select:
+          state = jax.device_put(_track_best(setup, state, val), shardings)
         log.update(_scalars(val, "eval/validation/"))
       if stage.get("stop_when", "").startswith("eval/train/"):
         log.update(_scalars(evaluate_split(setup, _variables(state, "last"), "train",

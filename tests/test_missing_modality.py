@@ -98,7 +98,8 @@ TINY = ["--config.data.name=synthetic_bags:tiny", "--config.data.image_size=16",
 def _stage_args(stage: str, steps: int = 6) -> list[str]:
   return [f"--config.stages.{stage}.{k}={v}" for k, v in (
       ("num_steps", steps), ("num_epochs", 0), ("batch_size", 8), ("eval_every", 3), ("log_every", 1),
-      ("checkpoint_every", steps), ("bootstrap", 20), ("evals.missing_rate.masks", 2))]
+      ("checkpoint_every", steps), ("bootstrap", 20), ("evals.missing_rate.masks", 2),
+      ("stop_when", "eval/train/bag/auc>0.999"))]
 
 
 @pytest.fixture(scope="module")

@@ -146,8 +146,9 @@ class MissingRate(evaluators.Evaluator):
         missing = missing_masks(num, rate, self.masks, ctx.seed)           # [K, P]
         probs = np.where(missing[..., None], absent[None], present[None])  # [K, P, C]
         key = f"{policy}/{rate_key(rate)}"
-        mean_auc = lambda y, p: float(np.nanmean(
-            [metrics_lib.roc_auc_ovr(y, p[:, k]) for k in range(p.shape[1])]))
+        def mean_auc(y, p):  # nan (no warning) for a resample with one class only
+          aucs = np.array([metrics_lib.roc_auc_ovr(y, p[:, k]) for k in range(p.shape[1])])
+          return float(np.mean(aucs[~np.isnan(aucs)])) if (~np.isnan(aucs)).any() else np.nan
         stacked = probs.transpose(1, 0, 2)                                 # [P, K, C]
         result[f"{key}/auc"] = mean_auc(labels, stacked)
         if ctx.bootstrap:
