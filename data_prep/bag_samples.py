@@ -38,10 +38,11 @@ folder of ../shared/data). They are real-data plumbing checks at toy scale, not 
                      or an empty value, is a category). A missing age ('', 'nan', 'unknown':
                      57 rows of the full release, none of the 671-image subset) is imputed
                      with the training mean (z = 0) and flagged age_missing = 1; an age that
-                     is present but not a number >= 0 is an error naming the CSV line.
+                     is present but not a number is an error naming the CSV line
+                     (clinical.ClinicalError, from clinical.fit_encoder's 'mean_flag').
 
-Every inconsistency in a release is an error (SharedSamplesFormatError, a ValueError) naming
-the file and the member, CSV line or column.
+Every other inconsistency in a release is an error (SharedSamplesFormatError, a ValueError)
+naming the file and the member, CSV line or column.
 """
 from __future__ import annotations
 

@@ -162,3 +162,16 @@ def test_the_real_aperio_slide_reads_and_tiles_its_tissue():
   x, y = tiles[0]
   pixels = slide.read_region((x, y), 0, (256, 256))
   assert pixels.shape == (256, 256, 3) and slides.keep_tile(pixels, rule="pixels")
+
+
+def test_reading_slides_in_threads_leaves_pillows_bound_as_it_was(tmp_path):
+  from concurrent import futures  # pylint: disable=g-import-not-at-top
+  paths = []
+  for i in range(8):
+    paths.append(tmp_path / f"slide{i}.png")
+    Image.fromarray(_pattern(64 + i, 80)).save(paths[-1])
+  before = Image.MAX_IMAGE_PIXELS
+  with futures.ThreadPoolExecutor(8) as pool:
+    shapes = list(pool.map(lambda p: slides.open_slide(p).pixels().shape, paths * 8))
+  assert shapes[:8] == [(64 + i, 80, 3) for i in range(8)]
+  assert Image.MAX_IMAGE_PIXELS == before != slides.MAX_SLIDE_PIXELS

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -39,14 +40,28 @@ class SlideError(ValueError):
   """A slide that cannot be read or tiled as asked; the message names the file."""
 
 
+_BOUND_LOCK = threading.Lock()
+_bound = {"depth": 0, "saved": None}
+
+
 @contextlib.contextmanager
 def _slide_pixel_bound():
-  old = Image.MAX_IMAGE_PIXELS
-  Image.MAX_IMAGE_PIXELS = MAX_SLIDE_PIXELS
+  """Pillow's bound raised to MAX_SLIDE_PIXELS while any slide is being read. Builders read
+  slides in threads: a plain save-and-restore lets a thread save the raised value and put
+  it back last, leaving the bound raised for good; the first reader saves, the last restores.
+  (While a slide is read, an ordinary image opened in another thread gets the slide bound.)"""
+  with _BOUND_LOCK:
+    if _bound["depth"] == 0:
+      _bound["saved"] = Image.MAX_IMAGE_PIXELS
+      Image.MAX_IMAGE_PIXELS = MAX_SLIDE_PIXELS
+    _bound["depth"] += 1
   try:
     yield
   finally:
-    Image.MAX_IMAGE_PIXELS = old
+    with _BOUND_LOCK:
+      _bound["depth"] -= 1
+      if _bound["depth"] == 0:
+        Image.MAX_IMAGE_PIXELS = _bound["saved"]
 
 
 class PillowSlide:
