@@ -62,28 +62,9 @@ from data_prep import image_folder
 from data_prep import shared_samples
 from medguide_jax.data import bags
 from medguide_jax.data import clinical
-from medguide_jax.data import slides
 
 SPLITS = shared_samples.SPLITS
 SharedSamplesFormatError = shared_samples.SharedSamplesFormatError
-
-
-def encoded_bag_records(tiles: Sequence[bytes], xy: Sequence[tuple[int, int]],
-                        clinical: np.ndarray, label: int, *, patient: str, slide: str,
-                        seed: int, part: str = "", bag_size: int = bags.BAG_SIZE,
-                        first_bag: int = 0) -> list[tuple[str, dict]]:
-  """(key, record) of each bag of already-encoded tiles (bags.slide_bag_records without the
-  encoding): slides.make_bags seeded by `seed` and crc32 of '<slide>/<part>', so bags do not
-  depend on build order; bags are numbered from `first_bag` (ids stay unique when one slide
-  is bagged in several parts)."""
-  members = slides.make_bags(len(tiles), bag_size=bag_size,
-                             seed=(seed, zlib.crc32(f"{slide}/{part}".encode())))
-  out = []
-  for k, chosen in enumerate(members, start=first_bag):
-    record = bags.bag_record([tiles[i] for i in chosen], [xy[i] for i in chosen], clinical,
-                             label, patient=patient, slide=slide, bag=k)
-    out.append((record["id"], record))
-  return out
 
 
 def _image_size(data: bytes, where: str) -> tuple[int, int]:
@@ -256,11 +237,12 @@ class TcgaLungTiles(bags.BagBuilder):
               "validation_rows": sorted(held_out), "bags": {}, "dropped_tiles": 0}
       first = 0
       for split, chosen in parts.items():
-        records = encoded_bag_records(
+        records = bags.draw_bags(
             [r.tiles[i] for i in chosen],
             [(col * TCGA_TILE, row * TCGA_TILE) for row, col in (r.rowcol[i] for i in chosen)],
             np.zeros((0,), np.float32), r.label, patient=r.slide, slide=r.slide,
-            seed=config.seed, part=split, bag_size=config.bag_size, first_bag=first)
+            seed=config.seed, seed_key=f"{r.slide}/{split}", bag_size=config.bag_size,
+            first_bag=first)
         first += len(records)
         splits[split] += records
         info["bags"][split] = len(records)

@@ -73,7 +73,6 @@ import math
 import os
 import re
 from typing import Iterator, Mapping, Sequence
-import zlib
 
 from absl import logging
 import numpy as np
@@ -486,7 +485,7 @@ class _SlideCohort(bags.BagBuilder, skip_registration=True):
 
 def _patch_records(job: SlideJob, config: SlideBagConfig) -> tuple[list[tuple[str, dict]], int]:
   """Bags of one patient's already-cut patches (BALNMP's patches/<id>/ folder), drawn with
-  the seeded sampler of bags.slide_bag_records; JPEG bytes are kept as they are."""
+  the seeded sampler of bags.draw_bags; JPEG bytes are kept as they are."""
   origins = {}
   if job.annotation:
     for region, vertices in enumerate(bags.read_polygons(job.annotation)):
@@ -509,15 +508,10 @@ def _patch_records(job: SlideJob, config: SlideBagConfig) -> tuple[list[tuple[st
     paths.append(path)
     origin = origins.get(region)
     xy.append((-1, -1) if origin is None else (origin[0] + x, origin[1] + y))
-  # The seed of bags.slide_bag_records, so a patient's bags are drawn as from its slide.
-  members = slides.make_bags(len(paths), bag_size=int(config.bag_size),
-                             seed=(int(config.seed), zlib.crc32(job.slide.encode())))
-  out = []
-  for k, bag in enumerate(members):
-    tiles = [_patch_bytes(paths[i], int(config.tile), config.tile_format) for i in bag]
-    record = bags.bag_record(tiles, [xy[i] for i in bag], job.clinical, job.label,
-                             patient=job.patient, slide=job.slide, bag=k)
-    out.append((record["id"], record))
+  # The sampler of bags.slide_bag_records, so a patient's bags are drawn as from its slide.
+  out = bags.draw_bags(paths, xy, job.clinical, job.label, patient=job.patient,
+                       slide=job.slide, seed=int(config.seed), bag_size=int(config.bag_size),
+                       encode=lambda p: _patch_bytes(p, int(config.tile), config.tile_format))
   return out, len(paths)
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -194,21 +194,35 @@ def slide_tiles(path: str, polygons: Sequence[Sequence[tuple[float, float]]] | N
   return out
 
 
+def draw_bags(tiles: Sequence, xy: Sequence[tuple[int, int]], clinical: np.ndarray,
+              label: int, *, patient: str, slide: str, seed: int, bag_size: int = BAG_SIZE,
+              seed_key: str | None = None, first_bag: int = 0,
+              encode: Callable[[Any], bytes] | None = None) -> list[tuple[str, dict]]:
+  """(key, record) of each bag of one slide's tiles: slides.make_bags seeded by `seed` and
+  crc32 of `seed_key` (default the slide's name), so a slide's bags do not depend on the
+  order slides are built in; bags numbered from `first_bag` (ids stay unique when a slide
+  is bagged in parts). `encode` turns a chosen tile into its bytes (tiles that are already
+  bytes need none); only the tiles a bag takes are encoded."""
+  import zlib  # pylint: disable=g-import-not-at-top
+  key = slide if seed_key is None else seed_key
+  members = slides.make_bags(len(tiles), bag_size=bag_size,
+                             seed=(seed, zlib.crc32(key.encode())))
+  out = []
+  for k, chosen in enumerate(members, start=first_bag):
+    encoded = [tiles[i] if encode is None else encode(tiles[i]) for i in chosen]
+    record = bag_record(encoded, [xy[i] for i in chosen], clinical, label, patient=patient,
+                        slide=slide, bag=k)
+    out.append((record["id"], record))
+  return out
+
+
 def slide_bag_records(tiles: SlideTiles, clinical: np.ndarray, label: int, *, patient: str,
                       seed: int, bag_size: int = BAG_SIZE, tile_format: str = "jpeg"
                       ) -> list[tuple[str, dict]]:
-  """(key, record) of each bag of a slide's tiles (slides.make_bags, seeded by `seed` and
-  the slide's name, so a slide's bags do not depend on the order slides are built in)."""
-  import zlib  # pylint: disable=g-import-not-at-top
-  bags = slides.make_bags(len(tiles.tiles), bag_size=bag_size,
-                          seed=(seed, zlib.crc32(tiles.slide.encode())))
-  out = []
-  for k, members in enumerate(bags):
-    record = bag_record([encode_tile(tiles.tiles[i], tile_format) for i in members],
-                        [tiles.xy[i] for i in members], clinical, label, patient=patient,
-                        slide=tiles.slide, bag=k)
-    out.append((record["id"], record))
-  return out
+  """draw_bags over a slide's cut tiles, encoded as `tile_format`."""
+  return draw_bags(tiles.tiles, tiles.xy, clinical, label, patient=patient, slide=tiles.slide,
+                   seed=seed, bag_size=bag_size,
+                   encode=lambda t: encode_tile(t, tile_format))
 
 
 def decode_tiles(encoded: Sequence[bytes], size: int | None = None) -> np.ndarray:
