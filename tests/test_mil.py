@@ -130,3 +130,17 @@ def test_vgg16_bn_has_13_convs_and_25088_features_at_full_width():
   assert len([k for k in variables["params"] if k.startswith("conv")]) == 13
   assert enc.apply(variables, x, train=False).shape == (2, resnet.feature_dim("vgg16_bn", width=8))
   assert resnet.feature_dim("vgg16_bn") == 25088
+
+
+def test_fills_give_ms_logits_for_other_clinical_inputs_from_one_pass():
+  rng = np.random.default_rng(4)
+  net, batch = _net(), _batch(rng)
+  variables = net.init(jax.random.PRNGKey(0), batch)
+  zeros = jnp.zeros_like(batch["clinical"])
+  out = net.apply(variables, batch, fills={"zero_fill": zeros, "prompt": None})
+  np.testing.assert_allclose(out["logits_m/zero_fill"],
+                             net.apply(variables, {**batch, "clinical": zeros})["logits_m"],
+                             rtol=1e-6)
+  prompted = net.apply(variables, batch, clinical_present=jnp.zeros((3,), bool))["logits_m"]
+  np.testing.assert_allclose(out["logits_m/prompt"], prompted, rtol=1e-6)
+  np.testing.assert_array_equal(out["logits_m"], net.apply(variables, batch)["logits_m"])

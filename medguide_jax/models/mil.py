@@ -22,7 +22,9 @@ Called on a batch it returns, for both branches at once,
   wsi_m, wsi_s       [B, L]    the bag embeddings (equal when the aggregator is shared)
   attention_m        [B, N]    alpha of M's aggregator
 With `clinical_present` [B] (bool) given, the clinical embedding of an example without
-clinical data is the prompt in M as well ('M with the prompt' inference).
+clinical data is the prompt in M as well ('M with the prompt' inference). `fills`
+{name: clinical [B, C], or None for the prompt} adds M's logits for each other clinical
+input as `logits_m/<name>`, from the same pass over the tiles (evaluation's fill policies).
 """
 from __future__ import annotations
 
@@ -161,7 +163,8 @@ class MissingModalityNet(nn.Module):
     return h.reshape(b, n, -1), batch.get("tile_mask")
 
   def __call__(self, batch: dict, *, train: bool = False,
-               clinical_present: jnp.ndarray | None = None) -> dict:
+               clinical_present: jnp.ndarray | None = None,
+               fills: dict | None = None) -> dict:
     x, mask = self.instances(batch, train=train)
     wsi_m, attention_m = self.mil_m(x, mask, train=train)
     wsi_s, _ = self.mil_s(x, mask, train=train) if not self.shared_aggregator else (
@@ -172,5 +175,9 @@ class MissingModalityNet(nn.Module):
       h_c = jnp.where(clinical_present[:, None], h_c, prompt)
     logits_m, fused_m = self.branch_m(wsi_m, h_c)
     logits_s, fused_s = self.branch_s(wsi_s, prompt)
-    return {"logits_m": logits_m, "logits_s": logits_s, "fused_m": fused_m,
-            "fused_s": fused_s, "wsi_m": wsi_m, "wsi_s": wsi_s, "attention_m": attention_m}
+    out = {"logits_m": logits_m, "logits_s": logits_s, "fused_m": fused_m,
+           "fused_s": fused_s, "wsi_m": wsi_m, "wsi_s": wsi_s, "attention_m": attention_m}
+    for name, filled in (fills or {}).items():  # the tiles' pass is shared by every fill
+      h_f = prompt if filled is None else self.clinical(filled)
+      out[f"logits_m/{name}"] = self.branch_m(wsi_m, h_f)[0]
+    return out

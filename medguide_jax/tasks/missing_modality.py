@@ -71,14 +71,16 @@ class ClinicalOnlyNet(mil.nn.Module):
   head_hidden: int = 64
 
   @mil.nn.compact
-  def __call__(self, batch: dict, *, train: bool = False, clinical_present=None) -> dict:
+  def __call__(self, batch: dict, *, train: bool = False, clinical_present=None,
+               fills: dict | None = None) -> dict:
     del train, clinical_present
-    h = mil.ClinicalEncoder(**dict(self.clinical_encoder or {}), name="clinical")(
-        batch["clinical"])
-    empty = jnp.zeros((h.shape[0], 0), jnp.float32)
-    logits, _ = mil.Branch(self.num_classes, "concat", self.head_hidden, name="branch_m")(
-        empty, h)
-    return {"logits_m": logits}
+    encoder = mil.ClinicalEncoder(**dict(self.clinical_encoder or {}), name="clinical")
+    head = mil.Branch(self.num_classes, "concat", self.head_hidden, name="branch_m")
+    empty = jnp.zeros((batch["clinical"].shape[0], 0), jnp.float32)
+    out = {"logits_m": head(empty, encoder(batch["clinical"]))[0]}
+    for name, filled in (fills or {}).items():  # no prompt here: mean_fill only
+      out[f"logits_m/{name}"] = head(empty, encoder(filled))[0]
+    return out
 
 
 def clinical_mean(train_source) -> np.ndarray:
@@ -191,10 +193,14 @@ class MissingModalityTask(base.Task):
     inputs = self._inputs(batch)
     apply = lambda x, **kw: self.model.apply(variables, x, train=False, **kw)
     softmax = lambda z: jax.nn.softmax(z.astype(jnp.float32))
-    full = apply(inputs)
+    clinical = inputs["clinical"]
+    # Every fill policy's input in one pass over the tiles (None: the prompt, in M).
+    fills = {p: {"zero_fill": jnp.zeros_like(clinical), "prompt": None,
+                 "mean_fill": jnp.broadcast_to(jnp.asarray(self.mean_clinical),
+                                               clinical.shape)}[p]
+             for p in self.policies if p in ("zero_fill", "mean_fill", "prompt")}
+    full = apply(inputs, fills=fills)
     result = {"label": batch["label"]}
-    b = batch["label"].shape[0]
-    absent = jnp.zeros((b,), bool)
     if self.kind == "wsi_only":
       result["probs"] = result["probs_absent/wsi"] = softmax(full["logits_s"])
     elif self.kind in BD_KINDS and self.mm.inference == "s":
@@ -202,17 +208,10 @@ class MissingModalityTask(base.Task):
     else:
       result["probs"] = softmax(full["logits_m"])
     for policy in self.policies:
-      if policy == "zero_fill":
-        filled = apply({**inputs, "clinical": jnp.zeros_like(inputs["clinical"])})
-        result[f"probs_absent/{policy}"] = softmax(filled["logits_m"])
-      elif policy == "mean_fill":
-        mean = jnp.broadcast_to(jnp.asarray(self.mean_clinical), inputs["clinical"].shape)
-        result[f"probs_absent/{policy}"] = softmax(apply({**inputs, "clinical": mean})["logits_m"])
+      if policy in ("zero_fill", "mean_fill", "prompt"):
+        result[f"probs_absent/{policy}"] = softmax(full[f"logits_m/{policy}"])
       elif policy == "route":
         result[f"probs_absent/{policy}"] = softmax(full["logits_s"])
-      elif policy == "prompt":
-        prompted = apply(inputs, clinical_present=absent)
-        result[f"probs_absent/{policy}"] = softmax(prompted["logits_m"])
     return result
 
   def evaluate(self, outputs, *, bootstrap, seed):
