@@ -12,7 +12,7 @@ from typing import Callable
 
 import ml_collections
 
-from medguide_jax.data import bags, mammo, multicrop, sources, transforms
+from medguide_jax.data import bags, builders, cxr, mammo, multicrop, sources, transforms
 
 Decoder = Callable[..., dict]
 
@@ -50,9 +50,22 @@ def _feature_bags(data: ml_collections.ConfigDict) -> Decoder:
   return decode
 
 
+def _cxr_reports(data: ml_collections.ConfigDict) -> Decoder:
+  """Image resized to data.image_size (grey unless data.channels); findings and impression
+  tokenised to data.max_len ids by data.tokenizer, else the dataset's own tokenizer."""
+  builder = builders.prepare(data.name, data_dir=data.get("data_dir") or None,
+                             manual_dir=data.get("manual_dir") or None)
+  tok = cxr.tokenizer_for(data, builder.info.metadata)
+
+  def decode(record, rng, *, augment):
+    return cxr.report_example(record, rng if augment else None, image_size=data.image_size,
+                              tokenizer=tok, channels=data.get("channels", 1))
+  return decode
+
+
 DECODERS: dict[str, Callable[[ml_collections.ConfigDict], Decoder]] = {
     "paired": _paired, "images": _images, "mammo": _mammo, "bags": _bags,
-    "feature_bags": _feature_bags}
+    "feature_bags": _feature_bags, "cxr_reports": _cxr_reports}
 
 
 def for_dataset(data: ml_collections.ConfigDict) -> Decoder:

@@ -14,14 +14,16 @@ import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
-from medguide_jax.data import builders, mixture
+from medguide_jax.data import builders, cxr, mixture
 
 # Which record layout (and so which decoder, data/decoders.py) each dataset has.
 LAYOUTS = {"synthetic_paired": "paired", "derm7pt": "paired", "synthetic_mammo": "mammo",
            "nyu_mammo": "mammo", "cbis_ddsm": "mammo", "nyu_glam_sample": "mammo",
            "nyu_bcc_sample": "mammo", "synthetic_bags": "bags", "bcnb": "bags",
            "wsi_folder": "bags", "tcga_lung_tiles": "bags", "ham10000_clinical": "bags",
-           "bag_features": "feature_bags"}
+           "bag_features": "feature_bags", "synthetic_cxr": "cxr_reports",
+           "iu_xray": "cxr_reports", "iu_xray_text": "cxr_reports", "mimic_cxr": "cxr_reports",
+           "mimic_cxr_text": "cxr_reports"}
 DEFAULT_LAYOUT = "images"  # every other dataset: one image per record (data/images.py)
 
 
@@ -156,10 +158,14 @@ class CheckedSource:
 
 
 def dataset_record(data: ml_collections.ConfigDict, sources: dict) -> dict:
-  """Name, version and example counts, for run.json (from the open sources: no I/O)."""
+  """Name, version and example counts (and a report dataset's tokenizer), for run.json
+  (from the open sources: no I/O)."""
   info = next(iter(sources.values())).dataset_info
-  return {"name": data.name, "version": str(info.version),
-          "examples": {s: len(src) for s, src in sources.items()}}
+  out = {"name": data.name, "version": str(info.version),
+         "examples": {s: len(src) for s, src in sources.items()}}
+  if layout(data.name) == cxr.LAYOUT:  # which vocabulary the run's texts were tokenised with
+    out["tokenizer"] = cxr.tokenizer_for(data, info.metadata).describe()
+  return out
 
 
 def _open_mixture(data: ml_collections.ConfigDict, splits: tuple[str, ...]) -> dict:
