@@ -36,6 +36,8 @@ setup(
         "openslide-bin>=4.0",   # the OpenSlide library itself, as a wheel
         "openpyxl>=3.1",        # BCNB's patient-clinical-data.xlsx
         "matplotlib>=3.7",      # missing_modality: AUC against missing rate (Agg backend)
+        "tokenizers>=0.15",     # hybridmed: WordPiece report vocabularies
+        "safetensors>=0.4",     # hybridmed: Hugging Face BERT checkpoints, read without torch
     ],
     extras_require={
         # tensorboard: the tests read the event files with TensorBoard's own reader.
