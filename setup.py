@@ -48,6 +48,8 @@ setup(
         "dicom": ["pydicom>=2.4"],
         "nifti": ["nibabel>=5.0"],
         "torch": ["torch"],
+        # tests/make_bert_fixture.py only: the reference outputs of a Hugging Face BertModel.
+        "bert_fixture": ["torch", "transformers>=4.40", "safetensors>=0.4"],
     },
     entry_points={"console_scripts": ["medguide=medguide_jax.main:run"]},
 )
