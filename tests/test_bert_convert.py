@@ -405,3 +405,22 @@ def test_command_line_errors_exit_2(tmp_path, capsys, args, pattern):
     bert_convert.main(args)
   assert exit_info.value.code == 2
   assert pattern in capsys.readouterr().err
+
+
+def test_command_line_checks_a_tokenizer_file_against_the_checkpoint(tmp_path, capsys):
+  """A trained report tokenizer is not the checkpoint's vocabulary: exit 2 naming both."""
+  from medguide_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  tok = tokenizer_lib.ReportTokenizer(tokenizer_lib.train(
+      ["the lungs are clear", "no pleural effusion"] * 3, vocab_size=60, min_frequency=1))
+  path = tmp_path / "tokenizer.json"
+  path.write_text(tok.to_json(), encoding="utf-8")
+  with pytest.raises(SystemExit) as exit_info:
+    bert_convert.main([str(FIXTURE), f"--tokenizer={path}"])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert f"tokenizer vocabulary size {tok.vocab_size} ({path})" in err
+  assert f"vocab_size 99 ({FIXTURE / 'config.json'})" in err
+  with pytest.raises(SystemExit) as exit_info:
+    bert_convert.main([str(FIXTURE), f"--tokenizer={tmp_path / 'absent.txt'}"])
+  assert exit_info.value.code == 2 and "absent.txt: no such tokenizer file" in \
+      capsys.readouterr().err

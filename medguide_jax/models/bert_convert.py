@@ -638,7 +638,8 @@ def load_converted(path: str | epath.PathLike) -> tuple[dict[str, Any], dict[str
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  """Command line: DIR [--out=FILE.msgpack] [--tokenizer_vocab_size=N] [--no_pooler].
+  """Command line: DIR [--out=FILE.msgpack] [--tokenizer=FILE | --tokenizer_vocab_size=N]
+  [--no_pooler].
 
   A checkpoint that cannot be imported prints the error and exits with code 2.
   """
@@ -646,18 +647,24 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("checkpoint_dir", help="local folder with config.json and the weights")
   parser.add_argument("--out", default=None, help="write the converted parameters (msgpack)")
+  parser.add_argument("--tokenizer", default=None,
+                      help="a tokenizer.json or vocab.txt to check against the checkpoint")
   parser.add_argument("--tokenizer_vocab_size", type=int, default=None,
                       help="check the tokenizer's vocabulary size against the checkpoint's")
   parser.add_argument("--no_pooler", action="store_true",
                       help="drop the pooler even if the checkpoint has one")
   args = parser.parse_args(argv)
+  from medguide_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   try:
+    if args.tokenizer is not None:
+      check_vocab_size(tokenizer_lib.load(args.tokenizer).get_vocab_size(with_added_tokens=True),
+                       args.checkpoint_dir, tokenizer_source=args.tokenizer)
     if args.tokenizer_vocab_size is not None:
       check_vocab_size(args.tokenizer_vocab_size, args.checkpoint_dir,
                        tokenizer_source="--tokenizer_vocab_size")
     checkpoint = load_checkpoint(args.checkpoint_dir,
                                  pooler=False if args.no_pooler else None)
-  except BertCheckpointError as e:  # a config error, as the trainer's: exit code 2
+  except (BertCheckpointError, tokenizer_lib.TokenizerError) as e:  # exit 2, as a config error
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2) from e
   n = sum(np.size(v) for v in jax.tree.leaves(checkpoint.params))
