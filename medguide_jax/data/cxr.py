@@ -17,8 +17,10 @@ per study and an empty image.
   region_boxes: float32 [K, 4] its box (x0, y0, x1, y1) in pixels of the stored image,
   region_masks: [K] PNG bytes of its binary mask at the image's size (K = 0 in releases
                 without regions; synthetic_cxr has them, for part 3's detection/segmentation)
-  view:         'PA', 'AP', 'LATERAL', ... (the release's projection, upper case)
-  study, patient, id: text (id unique in the dataset: '<study>/<image>')
+  view:         'PA', 'AP', 'LATERAL', ... (the release's projection, upper case; '' where
+                the release does not say, e.g. Open-i without its projections table)
+  study, patient, id: text (id unique in the dataset: '<study>/<image>'; text-only:
+                '<study>')
 
 Metadata (every builder): label_names, text_only, tokenizer (the JSON of the WordPiece
 tokenizer trained on the training split's findings and impressions: data/tokenizer.py),
