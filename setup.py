@@ -38,6 +38,7 @@ setup(
         "matplotlib>=3.7",      # missing_modality: AUC against missing rate (Agg backend)
         "tokenizers>=0.15",     # hybridmed: WordPiece report vocabularies
         "safetensors>=0.4",     # hybridmed: Hugging Face BERT checkpoints, read without torch
+        "pycocoevalcap>=1.2",   # hybridmed: COCO's BLEU/ROUGE-L/CIDEr scorers (pure Python; no Java)
     ],
     extras_require={
         # tensorboard: the tests read the event files with TensorBoard's own reader.

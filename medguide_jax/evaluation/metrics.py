@@ -152,7 +152,7 @@ def _task_metrics(labels: np.ndarray, probs: Sequence[np.ndarray]) -> np.ndarray
   return np.concatenate([per_task.ravel(), means])
 
 
-def _with_intervals(keys: list[str], point: np.ndarray, metric_fn: Callable[..., Any],
+def with_intervals(keys: list[str], point: np.ndarray, metric_fn: Callable[..., Any],
                     arrays: Sequence[np.ndarray], bootstrap: int, seed: int) -> dict[str, Any]:
   """{key: point value} and, when bootstrap > 0, {key_ci95: [lo, hi]} from resampling rows
   of `arrays` jointly (one index set per resample for every key)."""
@@ -177,7 +177,7 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, *, bootstrap: 
     "balanced_accuracy_ci95" and "auc_ci95".
   """
   labels, probs = np.asarray(labels), np.asarray(probs)
-  result = _with_intervals(["balanced_accuracy", "auc"], np.asarray(_ba_auc(labels, probs)),
+  result = with_intervals(["balanced_accuracy", "auc"], np.asarray(_ba_auc(labels, probs)),
                            _ba_auc, [labels, probs], bootstrap, seed)
   result["accuracy"] = float(np.mean(np.argmax(probs, -1) == labels))
   return result
@@ -214,7 +214,7 @@ def multitask_classification_metrics(
                      f"labels {labels.shape} and {len(probs)} arrays.")
   keys = [f"{t}/{m}" for t in task_names for m in ("balanced_accuracy", "auc")]
   keys += ["mean/balanced_accuracy", "mean/auc"]
-  return _with_intervals(keys, _task_metrics(labels, probs), lambda y, *p: _task_metrics(y, p),
+  return with_intervals(keys, _task_metrics(labels, probs), lambda y, *p: _task_metrics(y, p),
                          [labels, *probs], bootstrap, seed)
 
 
