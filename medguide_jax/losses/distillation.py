@@ -92,3 +92,37 @@ def feature_distillation(*, features: jnp.ndarray, target: jnp.ndarray, kind: st
   w = _weights(weights, d.shape[0])
   return (_safe_divide(jnp.sum(w * d), jnp.sum(w)),
           {"cosine": _safe_divide(jnp.sum(w * cosine), jnp.sum(w))})
+
+
+def token_distillation(*, student_logits: jnp.ndarray, teacher_logits: jnp.ndarray,
+                       mask: jnp.ndarray, temperature: float = 1.0
+                       ) -> tuple[jnp.ndarray, Metrics]:
+  """hybridmed's L_Dis: per-token T^2 KL(p_teacher(.; T) || p_student(.; T)) (nats per token).
+
+  loss = T^2 sum_{b,t} mask[b,t] KL_bt / sum_{b,t} mask[b,t], p = softmax(logits / T) over the
+  vocabulary, the teacher (the frozen summarisation branch) under stop_gradient. The paper's
+  form sums over the tokens of a sequence (METHODS.md 3(a)); this is the mean over the real
+  tokens of the whole batch, the normalisation of `generation.token_cross_entropy`, so L_Dis
+  and L_Cap are on one scale and the value does not depend on how the batch is sharded.
+  It is `logit_distillation` over the B * L token positions with the mask as weights.
+
+  Args:
+    student_logits, teacher_logits: [B, L, V] at the same (teacher-forced) positions.
+    mask: [B, L] bool (or 0/1), True for the tokens that are scored.
+    temperature: T > 0.
+
+  Returns:
+    (loss, {'kl': the un-scaled per-token mean KL}).
+  """
+  chex.assert_rank(student_logits, 3)
+  chex.assert_equal_shape([student_logits, teacher_logits])
+  batch, length, vocab = student_logits.shape
+  chex.assert_shape(mask, (batch, length))
+  # Pad positions get weight 0; zero their logits too, so junk there (inf, NaN) cannot leak
+  # into the masked sum as NaN * 0.
+  real = jnp.asarray(mask).astype(bool)[..., None]
+  flat = lambda x: jnp.where(real, x.astype(jnp.float32), 0.0).reshape(batch * length, vocab)
+  return logit_distillation(student_logits=flat(student_logits),
+                            teacher_logits=flat(teacher_logits), temperature=temperature,
+                            weights=jnp.asarray(mask).astype(jnp.float32).reshape(-1),
+                            stop_teacher_gradient=True)
