@@ -22,6 +22,16 @@ white-fraction rule: tiling_tiles_per_sec), feature extraction with `--bag_encod
 call) and the grain pipeline of bag batches (decode + augment of 10-tile bags:
 pipeline_bags_per_sec at --bag_batch_size).
 
+hybridmed's text side: `--text=synthetic_cxr` (any prepared 'cxr_reports' dataset, e.g.
+iu_xray_text; no --config) times its tokenizer over the training split's findings and
+impressions (tokenizer_texts_per_sec, tokenizer_tokens_per_sec), a training step (forward and
+backward) of a text encoder and of the summariser decoder at --text_size (small: 256 wide, 4
+layers; base: BERT-base, 768 wide, 12 layers; decoder half as deep) on --text_batch_size
+reports of the tokenizer's max_len (encoder_sequences_per_sec, decoder_sequences_per_sec),
+and greedy decoding of max_len tokens with the KV cache and without it (the full causal
+forward re-run for every token): decode_tokens_per_sec, decode_tokens_per_sec_no_cache,
+kv_cache_speedup, and decode_agree (both gave the same tokens).
+
 GLAM: `--config=configs/glam.py:size=full --stage=joint --inference` times a training step
 and the full-resolution inference (global module, patch selection, local module and the
 2944x1920 fused map) at the stage's eval batch size. `step_memory_gb` / `inference_memory_gb`
@@ -57,6 +67,11 @@ _BAGS = flags.DEFINE_string("bags", "", "A prepared 'bags' dataset: time tiling,
 _BAG_ENCODER = flags.DEFINE_string("bag_encoder", "random:tiny_cnn",
                                    "--bags: the frozen encoder of feature extraction.")
 _BAG_BATCH = flags.DEFINE_integer("bag_batch_size", 8, "--bags: bags per pipeline batch.")
+_TEXT = flags.DEFINE_string("text", "", "A prepared 'cxr_reports' dataset: time its tokenizer, "
+                            "a text encoder and decoder step and decoding instead of a stage.")
+_TEXT_SIZE = flags.DEFINE_enum("text_size", "small", ["small", "base"],
+                               "--text: the text towers' size.")
+_TEXT_BATCH = flags.DEFINE_integer("text_batch_size", 16, "--text: reports per step.")
 _SINKHORN = flags.DEFINE_list(
     "sinkhorn_batches", [], "ssl: also cost Sinkhorn (K = model.num_prototypes, 2 assign crops) "
     "at these global batch sizes, e.g. 256,4096, against the step's cost per example.")
@@ -239,15 +254,97 @@ def bag_data_throughput(dataset: str, encoder: str, *, batch_size: int, batches:
           "peak_host_memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
+TEXT_SIZES = {"small": {"hidden": 256, "layers": 4, "heads": 4, "mlp": 1024},
+              "base": {"hidden": 768, "layers": 12, "heads": 12, "mlp": 3072}}
+
+
+def text_throughput(dataset: str, *, size: str, batch_size: int, steps: int) -> dict:
+  """Tokenizer, text encoder / decoder step and decoding throughput (module docstring)."""
+  from medguide_jax.data import builders, cxr, images  # pylint: disable=g-import-not-at-top
+  from medguide_jax.models import text  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  builder = builders.prepare(dataset)
+  source = builder.as_data_source(split="train")
+  tok = cxr.tokenizer_for(ml_collections.ConfigDict(), builder.info.metadata)
+  texts = [images.text(source[i][s]) for i in range(min(len(source), 1000))
+           for s in ("findings", "impression")]
+  start = time.perf_counter()
+  ids, mask = tok.encode(texts)
+  seconds = time.perf_counter() - start
+  result = {"data": dataset, "text_size": size, "vocab_size": tok.vocab_size,
+            "max_len": tok.max_len, "text_batch_size": batch_size,
+            "tokenizer_texts_per_sec": len(texts) / seconds,
+            "tokenizer_tokens_per_sec": float(mask.sum()) / seconds}
+  reps = -(-batch_size // len(ids))
+  ids, mask = (jnp.asarray(np.tile(a, (reps, 1))[:batch_size]) for a in (ids, mask))
+  dims = TEXT_SIZES[size]
+  encoder = text.BertEncoder(vocab_size=tok.vocab_size, max_len=tok.max_len, dropout=0.0,
+                             **dims)
+  enc_params = encoder.init(jax.random.key(0), ids, mask)["params"]
+  decoder = text.ReportDecoders(vocab_size=tok.vocab_size, max_len=tok.max_len, dropout=0.0,
+                                branches=("summariser",),
+                                **dict(dims, layers=max(1, dims["layers"] // 2)))
+  memory = encoder.apply({"params": enc_params}, ids, mask)["tokens"]
+  dec_params = decoder.init(jax.random.key(1), ids, memory, mask,
+                            branch="summariser")["params"]
+
+  def enc_loss(p):  # a stand-in objective: the step's cost is the towers', not the loss's
+    return jnp.mean(encoder.apply({"params": p}, ids, mask)["pooled"]**2)
+
+  def dec_loss(p):  # teacher-forced next-token cross-entropy on the real tokens
+    logits = decoder.apply({"params": p}, ids[:, :-1], memory, mask, branch="summariser")
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:])
+    return jnp.sum(ce * mask[:, 1:]) / jnp.sum(mask[:, 1:])
+
+  for key, loss, params in (("encoder", enc_loss, enc_params), ("decoder", dec_loss, dec_params)):
+    step = jax.jit(jax.value_and_grad(loss))
+    _block(step(params))
+    result[f"{key}_sequences_per_sec"] = batch_size / _timed(step, params, steps=steps)
+  length = tok.max_len - 1   # BOS takes position 0
+
+  @jax.jit
+  def no_cache(params, memory, mask):
+    """Greedy decoding that re-runs the full causal forward for every token."""
+    def body(t, seq):
+      logits = decoder.apply({"params": params}, seq, memory, mask, branch="summariser")
+      return seq.at[:, t + 1].set(jnp.argmax(logits[:, t], -1).astype(jnp.int32))
+    seq = jnp.zeros((memory.shape[0], length + 1), jnp.int32).at[:, 0].set(text.BOS_ID)
+    return jax.lax.fori_loop(0, length, body, seq)[:, 1:]
+
+  cached = lambda p, m, k: text.greedy_decode(decoder, p, m, k, branch="summariser",
+                                               max_len=length)
+  out = {}
+  for key, fn in (("decode_tokens_per_sec", cached), ("decode_tokens_per_sec_no_cache", no_cache)):
+    out[key] = np.asarray(_block(fn(dec_params, memory, mask)))
+    seconds = _timed(fn, dec_params, memory, mask, steps=max(1, steps // 4))
+    # Tokens produced, for both: the cached decoding's, up to each EOS (kept) or max_len.
+    result[key] = float((out["decode_tokens_per_sec"] != text.PAD_ID).sum()) / seconds
+  ended = lambda seq: np.where(np.cumsum(seq == text.EOS_ID, 1) - (seq == text.EOS_ID) > 0,
+                               text.PAD_ID, seq)
+  result["decode_agree"] = bool((ended(out["decode_tokens_per_sec_no_cache"])
+                                 == out["decode_tokens_per_sec"]).all())
+  result["kv_cache_speedup"] = (result["decode_tokens_per_sec"]
+                                / result["decode_tokens_per_sec_no_cache"])
+  result["peak_host_memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  return result
+
+
 def main(argv) -> int:
   del argv
+  if _TEXT.value:
+    result = text_throughput(_TEXT.value, size=_TEXT_SIZE.value, batch_size=_TEXT_BATCH.value,
+                             steps=_STEPS.value)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+    return 0
   if _BAGS.value:
     result = bag_data_throughput(_BAGS.value, _BAG_ENCODER.value, batch_size=_BAG_BATCH.value,
                                  batches=_PIPELINE_BATCHES.value)
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
     return 0
   if _CONFIG.value is None:
-    print("error: --config is required (or --bags=<a bag dataset>)", file=sys.stderr)
+    print("error: --config is required (or --bags=<a bag dataset>, --text=<a report "
+          "dataset>)", file=sys.stderr)
     return 2
   config = _CONFIG.value
   workdir = epath.Path(tempfile.gettempdir()) / "medguide_benchmark"  # nothing is written

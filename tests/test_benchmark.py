@@ -71,3 +71,20 @@ def test_benchmark_counts_the_tiles_of_a_bag_step():
   result = json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][0])
   assert result["tiles_per_bag"] == 10
   assert result["tiles_per_sec"] == pytest.approx(10 * result["examples_per_sec"])
+
+
+def test_benchmark_times_the_tokenizer_text_towers_and_decoding():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "medguide_jax.benchmark", "--text=synthetic_cxr:tiny",
+         "--steps=2", "--text_batch_size=4"]
+  proc = subprocess.run(cmd, cwd=helpers.ROOT, env=env, capture_output=True, text=True,
+                        timeout=helpers.HANG_GUARD_S)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][0])
+  for key in ("tokenizer_texts_per_sec", "tokenizer_tokens_per_sec", "encoder_sequences_per_sec",
+              "decoder_sequences_per_sec", "decode_tokens_per_sec",
+              "decode_tokens_per_sec_no_cache", "kv_cache_speedup"):
+    assert result[key] > 0, key
+  # The cached and the re-run decoding produce the same tokens.
+  assert result["decode_agree"] is True
+  assert result["max_len"] == 112

@@ -48,6 +48,7 @@ _REGISTRY = {
     "tcga_lung_tiles": "data_prep.bag_samples:TcgaLungTiles",
     "ham10000_clinical": "data_prep.bag_samples:Ham10000Clinical",
     "bag_features": "data_prep.features:BagFeatures",
+    "synthetic_cxr": "medguide_jax.data.synthetic_cxr:SyntheticCxr",
     "iu_xray": "data_prep.cxr_reports:IuXray",
     "iu_xray_text": "data_prep.cxr_reports:IuXrayText",
     "mimic_cxr": "data_prep.cxr_reports:MimicCxr",
