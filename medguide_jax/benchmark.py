@@ -149,6 +149,10 @@ def time_step(setup) -> dict:
   spec = train.init_state(setup, host_batch)
   abstract, shardings, tx = spec.abstract, spec.shardings, spec.tx
   state = spec.initial(train.init_key(0))
+  if jax.tree.leaves(abstract.teacher):  # a frozen teacher's values do not change the cost
+    state = state.replace(teacher=jax.tree.map(
+        lambda a, s: jax.device_put(jnp.zeros(a.shape, a.dtype), s), abstract.teacher,
+        shardings.teacher))
   step = train.jit_train_step(setup, tx, shardings, state.model_state)
   batch = parallel.to_global(host_batch, setup.mesh)
   t = time.perf_counter()

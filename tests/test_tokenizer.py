@@ -168,3 +168,12 @@ def test_cxr_record_and_example(tmp_path):
   assert cxr.tokenizer_for(data, {"tokenizer": tok.to_json()}).source == "dataset"
   data.tokenizer = str(path)
   assert cxr.tokenizer_for(data, {}).source == str(path)
+
+
+def test_a_shorter_length_per_call_truncates_the_same_way(tmp_path):
+  tok = T.from_file(_vocab_file(tmp_path), max_len=12)
+  ids, mask = tok.encode(["the lungs are clear . no effusion"], 5)
+  assert ids.shape == (1, 5) and mask.all()
+  assert ids[0].tolist() == [ID["[CLS]"], ID["the"], ID["lung"], ID["##s"], ID["[SEP]"]]
+  with pytest.raises(ValueError, match=r"max_len=13 must be in \[3, 12\]"):
+    tok.encode(["the"], 13)

@@ -138,7 +138,7 @@ def tokenizer_for(data, metadata: Mapping | None) -> tokenizer_lib.ReportTokeniz
   """The run's tokenizer: the file `data.tokenizer` names (a user's tokenizer.json or BERT
   vocab.txt, e.g. a clinical BERT's), else the one the dataset was built with (`metadata`);
   `data.max_len` ids (default MAX_LEN)."""
-  max_len = int(data.get("max_len", 0) or tokenizer_lib.MAX_LEN)
+  max_len = int(data.get("max_len", 0) or tokenizer_lib.MAX_LEN)  # of every section
   path = data.get("tokenizer", "")
   if path:
     return tokenizer_lib.from_file(path, max_len=max_len)
@@ -146,10 +146,12 @@ def tokenizer_for(data, metadata: Mapping | None) -> tokenizer_lib.ReportTokeniz
 
 
 def report_example(record: Mapping, rng: np.random.Generator | None, *, image_size: int,
-                   tokenizer: tokenizer_lib.ReportTokenizer, channels: int = 1) -> dict:
+                   tokenizer: tokenizer_lib.ReportTokenizer, channels: int = 1,
+                   impression_len: int | None = None) -> dict:
   """A record -> {'image' float32 [S, S, channels] (absent when text-only),
   'findings_ids'/'impression_ids' int32 [max_len], 'findings_mask'/'impression_mask' bool,
-  'labels' float32 [L]}.
+  'report_ids'/'report_mask' (findings then impression, one text), 'labels' float32 [L]}.
+  Impressions are short: `impression_len` (default the tokenizer's max_len) ids.
 
   The image is resized (training: `CXR_AUGMENT` on a crop of `CXR_CROP_SCALE`: no flip);
   normalisation is DEFAULT_NORM's.
@@ -160,8 +162,11 @@ def report_example(record: Mapping, rng: np.random.Generator | None, *, image_si
         {"image": record["image"], "label": 0}, rng, image_size=image_size,
         channels=channels, norm={}, augment_cfg=CXR_AUGMENT,
         crop_scale=CXR_CROP_SCALE)["image"]
-  for section in ("findings", "impression"):
-    ids, mask = tokenizer.encode([images.text(record[section])])
-    out[f"{section}_ids"], out[f"{section}_mask"] = ids[0], mask[0]
+  texts = {s: images.text(record[s]) for s in ("findings", "impression")}
+  # 'report': both sections as one text (the MGCA-style treatment hybridmed ablates).
+  texts["report"] = f"{texts['findings']} {texts['impression']}".strip()
+  for name, text in texts.items():
+    ids, mask = tokenizer.encode([text], impression_len if name == "impression" else None)
+    out[f"{name}_ids"], out[f"{name}_mask"] = ids[0], mask[0]
   out["labels"] = np.asarray(record["labels"], np.float32)
   return out

@@ -51,15 +51,17 @@ def _feature_bags(data: ml_collections.ConfigDict) -> Decoder:
 
 
 def _cxr_reports(data: ml_collections.ConfigDict) -> Decoder:
-  """Image resized to data.image_size (grey unless data.channels); findings and impression
-  tokenised to data.max_len ids by data.tokenizer, else the dataset's own tokenizer."""
+  """Image resized to data.image_size (grey unless data.channels); findings tokenised to
+  data.max_len ids, impressions to data.impression_len (0: max_len), by data.tokenizer, else
+  the dataset's own tokenizer."""
   builder = builders.prepare(data.name, data_dir=data.get("data_dir") or None,
                              manual_dir=data.get("manual_dir") or None)
   tok = cxr.tokenizer_for(data, builder.info.metadata)
 
   def decode(record, rng, *, augment):
     return cxr.report_example(record, rng if augment else None, image_size=data.image_size,
-                              tokenizer=tok, channels=data.get("channels", 1))
+                              tokenizer=tok, channels=data.get("channels", 1),
+                              impression_len=data.get("impression_len", 0) or None)
   return decode
 
 

@@ -111,7 +111,8 @@ Overrides (image_size, num_studies per split, seed) derive a config from the tag
 encodes them ('s96_n3000_400_400_seed3', 'iu_text_s64_seed0'); num_studies does not apply to
 iu_text. Metadata: label_names, image_size, source ('synthetic' or 'iu_text'), orientation,
 the tokenizer trained on the training split's findings and impressions (data/cxr.py), and a
-summary (per split: studies, normal studies, regions and per-label counts; the design; for
+label_groups (LABEL_GROUPS: zero-shot classes and the probe's tasks), summary (per split:
+studies, normal studies, regions and per-label counts; the design; for
 iu_text the tag counts and the sections lacking).
 
 Measured (default config, seeds 0-4, built by the builder). Independent numpy probes that see
@@ -1435,6 +1436,7 @@ class SyntheticCxr(cxr.ReportBuilder):
   def _set_metadata(self, studies: Mapping[str, list[Study]], summary: dict) -> None:
     texts = [t for st in studies[SPLITS[0]] for t in (st.findings_text, st.impression_text)]
     self.set_metadata(train_texts=texts, label_names=LABEL_NAMES, summary=summary,
+                      label_groups={g: list(v) for g, v in LABEL_GROUPS.items()},
                       image_size=self.builder_config.image_size,
                       source=self.builder_config.source, orientation=ORIENTATION)
 

@@ -169,11 +169,16 @@ class ReportTokenizer:
     # The template adds [CLS] and [SEP]; the pieces are the ids between them.
     return [e.ids[1:-1] for e in self.tok.encode_batch(texts)]
 
-  def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(ids int32 [N, max_len], mask bool [N, max_len]) of `texts`."""
-    ids = np.full((len(texts), self.max_len), self.pad_id, np.int32)
+  def encode(self, texts: Sequence[str], max_len: int | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int32 [N, L], mask bool [N, L]) of `texts`, L = `max_len` (default the
+    tokenizer's; a shorter one for short sections, truncated the same way)."""
+    length = self.max_len if max_len is None else int(max_len)
+    if not 3 <= length <= self.max_len:
+      raise ValueError(f"max_len={length} must be in [3, {self.max_len}]")
+    ids = np.full((len(texts), length), self.pad_id, np.int32)
     for i, pieces in enumerate(self._pieces(texts)):
-      row = [self.cls_id] + pieces[:self.max_len - 2] + [self.sep_id]
+      row = [self.cls_id] + pieces[:length - 2] + [self.sep_id]
       ids[i, :len(row)] = row
     return ids, ids != self.pad_id
 

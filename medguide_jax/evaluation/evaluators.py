@@ -31,6 +31,9 @@ REGISTRY = {
     "predictions_csv": "medguide_jax.evaluation.glam_outputs:PredictionsCSV",
     "pictures": "medguide_jax.evaluation.glam_outputs:Pictures",
     "missing_rate": "medguide_jax.evaluation.missing_rate:MissingRate",
+    "generation": "medguide_jax.evaluation.hybridmed:Generation",
+    "retrieval": "medguide_jax.evaluation.hybridmed:Retrieval",
+    "zero_shot": "medguide_jax.evaluation.hybridmed:ZeroShot",
 }
 
 

@@ -135,8 +135,9 @@ class ResNet(nn.Module):
   bn_momentum: float = 0.9
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-    """Maps images [B, H, W, C] to float32 features [B, D]."""
+  def __call__(self, x: jnp.ndarray, *, train: bool, tokens: bool = False):
+    """Maps images [B, H, W, C] to float32 features [B, D]; with `tokens`, also the last
+    feature map's positions as tokens [B, h * w, D] (row-major)."""
     if self.block not in _BLOCKS:
       raise ValueError(f"Unknown block {self.block!r}; expected one of {sorted(_BLOCKS)}.")
     block_cls = _BLOCKS[self.block]
@@ -154,8 +155,17 @@ class ResNet(nn.Module):
         strides = 2 if i > 0 and j == 0 else 1
         x = block_cls(filters=self.width * 2**i, conv=conv, norm=norm, strides=strides,
                       name=f"stage{i + 1}_block{j + 1}")(x)
-    # Pool in float32: a bf16 mean over many positions loses precision.
-    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    return _pooled(x, tokens)
+
+
+def _pooled(x: jnp.ndarray, tokens: bool):
+  """Global average pool of a feature map [B, h, w, D] in float32 (a bf16 mean over many
+  positions loses precision); with `tokens`, (pooled, the positions as tokens [B, h*w, D])."""
+  x = x.astype(jnp.float32)
+  pooled = jnp.mean(x, axis=(1, 2))
+  if tokens:
+    return pooled, x.reshape(x.shape[0], -1, x.shape[-1])
+  return pooled
 
 
 class TinyCNN(nn.Module):
@@ -169,8 +179,9 @@ class TinyCNN(nn.Module):
   bn_momentum: float = 0.9
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-    """Maps images [B, H, W, C] to float32 features [B, 4 * width]."""
+  def __call__(self, x: jnp.ndarray, *, train: bool, tokens: bool = False):
+    """Maps images [B, H, W, C] to float32 features [B, 4 * width] (and, with `tokens`, the
+    last feature map's positions [B, h * w, 4 * width])."""
     norm = _make_norm(self.norm, train=train, dtype=self.dtype, momentum=self.bn_momentum)
     x = jnp.asarray(x, self.dtype)
     for i, mult in enumerate((1, 2, 4)):
@@ -178,7 +189,7 @@ class TinyCNN(nn.Module):
                   param_dtype=jnp.float32, kernel_init=_conv_init, name=f"conv{i}",
                   conv_general_dilated=conv_lib.conv_general_dilated)(x)
       x = nn.relu(norm(name=f"norm{i}")(x))
-    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    return _pooled(x, tokens)
 
 
 # name -> (constructor, default attributes).

@@ -190,8 +190,9 @@ class ViT(nn.Module):
     return resize_posemb(table, (gh, gw), grid)
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-    """Maps images [B, H, W, C] to float32 features [B, width]."""
+  def __call__(self, x: jnp.ndarray, *, train: bool, tokens: bool = False):
+    """Maps images [B, H, W, C] to float32 features [B, width]; with `tokens`, also the
+    patch tokens [B, N, width] (after the final LayerNorm; the class token left out)."""
     grid = self._check(x)
     x = nn.Conv(self.width, (self.patch, self.patch), (self.patch, self.patch),
                 padding="VALID", dtype=self.dtype, param_dtype=jnp.float32,
@@ -215,5 +216,8 @@ class ViT(nn.Module):
                      name="encoder_norm")(x)
     # Pool in float32: a bf16 mean over many tokens loses precision.
     x = x.astype(jnp.float32)
-    return x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)
+    pooled = x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)
+    if tokens:
+      return pooled, x[:, 1:] if self.pool == "cls" else x
+    return pooled
 
