@@ -68,7 +68,7 @@ SIZES = {
                   embed=64, max_len=80, impression_len=32, batch=32, sum_epochs=2,
                   joint_epochs=2, lr=1e-3, probe_epochs=2, bootstrap=100),
     # The embedded default's results (README).
-    "cpu": dict(image=64, encoder="tiny_cnn", width=16, text=_CPU_TEXT, dec_layers=2,
+    "cpu": dict(image=64, encoder="tiny_cnn", width=32, text=_CPU_TEXT, dec_layers=2,
                 embed=64, max_len=80, impression_len=32, batch=32, sum_epochs=8,
                 joint_epochs=8, lr=1e-3, probe_epochs=10, bootstrap=1000),
     # MGCA's settings where HybridMED's are unknown: ResNet-50 at 224 px, BERT-base,

@@ -125,6 +125,9 @@ NOTEBOOKS = {
                                        "metrics.jsonl", 'dataset("test", train=False)',
                                        "run.predict(", "predictions.csv", "attention_m",
                                        "auc_vs_missing_rate.png"),
+    "explore_hybridmed.ipynb": ("medguide_jax.load_run(WORKDIR)", "results.json", "metrics.jsonl",
+                                'dataset("test", train=False)', "run.predict(",
+                                "generated/captioner", "region_boxes", "embed_texts"),
 }
 
 
