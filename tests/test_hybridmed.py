@@ -2,6 +2,7 @@
 method end to end on synthetic_cxr:tiny (a run check, not a result)."""
 from __future__ import annotations
 
+import collections
 import json
 import re
 import types
@@ -201,3 +202,46 @@ def test_bad_method_settings_exit_2_before_anything_is_written(tmp_path):
                             config_arg=f"smoke,dataset=synthetic_cxr:tiny,stages={stage}")
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "w").exists()
+
+
+def test_the_text_tower_starts_from_a_converted_bert_with_its_vocabulary(tmp_path):
+  """bert_convert --npz writes 'params/txt/...' that init_from loads into the text tower; the
+  run tokenises with the checkpoint's vocab.txt (data.tokenizer), whose size must match."""
+  from medguide_jax.models import bert_convert  # pylint: disable=g-import-not-at-top
+  fixture = helpers.ROOT / "tests" / "fixtures" / "bert_tiny"
+  npz = tmp_path / "bert.npz"
+  bert_convert.main([str(fixture), f"--npz={npz}", "--max_len=48"])
+  source = builders.prepare("synthetic_cxr:tiny").as_data_source(split="train")
+  words = collections.Counter(w for i in range(len(source)) for s in ("findings", "impression")
+                              for w in re.findall(r"[a-z]+", source[i][s].decode().lower()))
+  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+  vocab += [w for w, _ in words.most_common(99 - len(vocab))]
+  (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+  text_args = ["--config.model.text.hidden=32", "--config.model.text.layers=2",
+               "--config.model.text.heads=4", "--config.model.text.mlp=37",
+               "--config.model.decoder.hidden=32", "--config.model.decoder.heads=4",
+               f"--config.data.tokenizer={tmp_path / 'vocab.txt'}", "--config.data.max_len=48",
+               "--config.data.impression_len=24",
+               f"--config.stages.summariser.init_from={npz}",
+               "--config.stages.summariser.init_params=txt/.*"]
+  workdir = tmp_path / "w"
+  helpers.run_main(workdir, _stage_args(("summariser",), steps=1) + text_args + [
+      "--config.stages.summariser.opt.lr=0.0"], config_file="configs/hybridmed.py",
+      config_arg="smoke,dataset=synthetic_cxr:tiny,stages=summariser")
+  from medguide_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  trained = paths.flatten(checkpointing.load_variables(workdir / "summariser" / "variables"))
+  with np.load(npz) as f:
+    loaded = {k: f[k] for k in f.files}
+  assert loaded.keys() - {k for k in loaded if "pooler" in k} <= trained.keys()
+  for key, value in loaded.items():
+    if "pooler" not in key:   # the tower has no pooler: [CLS] is its global vector
+      np.testing.assert_array_equal(trained[key], value, err_msg=key)
+  run = json.loads((workdir / "run.json").read_text())
+  assert run["datasets"][0]["tokenizer"]["vocab_size"] == 99
+  # A vocabulary of another size than the checkpoint's embedding table: exit 2, nothing run.
+  (tmp_path / "vocab.txt").write_text("\n".join(vocab[:-1]) + "\n")
+  proc = helpers.run_main(tmp_path / "w2", _stage_args(("summariser",), steps=1) + text_args,
+                          config_file="configs/hybridmed.py", check=False,
+                          config_arg="smoke,dataset=synthetic_cxr:tiny,stages=summariser")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "embeddings/word/embedding" in proc.stderr

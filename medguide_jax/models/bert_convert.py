@@ -616,6 +616,25 @@ def save_converted(path: str | epath.PathLike, kwargs: Mapping[str, Any],
   epath.Path(path).write_bytes(data)
 
 
+def save_npz(path: str | epath.PathLike, params: Mapping[str, Any], *, prefix: str = "txt",
+             max_len: int | None = None) -> None:
+  """Writes the encoder's params as an .npz of 'params/<prefix>/...' keys, the form a stage's
+  `init_from` reads (param_sources), e.g. hybridmed's text tower:
+    --config.stages.summariser.init_from=bert.npz --config.stages.summariser.init_params=txt/.*
+  `max_len` keeps the first max_len rows of the position table (a model built for shorter
+  texts than the checkpoint's 512 positions: BERT's positions are absolute, so the first rows
+  are the ones those texts use)."""
+  flat = traverse_util.flatten_dict(dict(params), sep="/")
+  key = "embeddings/position/embedding"
+  if max_len is not None:
+    if max_len > flat[key].shape[0]:
+      raise BertCheckpointError(f"max_len={max_len} exceeds the checkpoint's "
+                                f"{flat[key].shape[0]} positions")
+    flat[key] = flat[key][:max_len]
+  with epath.Path(path).open("wb") as f:
+    np.savez(f, **{f"params/{prefix}/{k}": np.asarray(v, np.float32) for k, v in flat.items()})
+
+
 def load_converted(path: str | epath.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
   """(kwargs, params) from a file of `save_converted`, validated like a fresh conversion.
 
@@ -647,6 +666,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("checkpoint_dir", help="local folder with config.json and the weights")
   parser.add_argument("--out", default=None, help="write the converted parameters (msgpack)")
+  parser.add_argument("--npz", default=None, help="write them as an .npz of "
+                      "'params/txt/...' keys for a stage's init_from")
+  parser.add_argument("--max_len", type=int, default=None,
+                      help="--npz: keep the first max_len position embeddings")
   parser.add_argument("--tokenizer", default=None,
                       help="a tokenizer.json or vocab.txt to check against the checkpoint")
   parser.add_argument("--tokenizer_vocab_size", type=int, default=None,
@@ -675,6 +698,13 @@ def main(argv: Sequence[str] | None = None) -> None:
   if args.out:
     save_converted(args.out, checkpoint.kwargs, checkpoint.params)
     print(f"wrote {args.out}")
+  if args.npz:
+    try:
+      save_npz(args.npz, checkpoint.params, max_len=args.max_len)
+    except BertCheckpointError as e:
+      print(f"error: {e}", file=sys.stderr)
+      raise SystemExit(2) from e
+    print(f"wrote {args.npz}")
 
 
 if __name__ == "__main__":
