@@ -26,7 +26,7 @@ from tests import helpers
 
 def test_image_tokens_pool_to_the_pooled_features():
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 1))
-  for name, kw in (("tiny_cnn", {"width": 4}), ("resnet18", {"width": 8}),
+  for name, kw in (("tiny_cnn", {"width": 4}), ("resnet18", {"width": 2}),
                    ("vit_tiny", {"width": 16, "patch": 8, "posemb_grid": (4, 4)})):
     enc = resnet.get_encoder(name, **kw)
     variables = enc.init(jax.random.key(1), x, train=False)
@@ -42,6 +42,11 @@ def tiny():
   """The tiny dataset's training source and a smoke config on it."""
   builder = builders.prepare("synthetic_cxr:tiny")
   config = hm_config.get_config("smoke,dataset=synthetic_cxr:tiny")
+  # Small towers: these tests run the loss eagerly, op by op.
+  config.data.image_size, config.model.encoder_kwargs.width = 32, 4
+  config.model.text = {"hidden": 16, "layers": 1, "heads": 2, "mlp": 32}
+  config.model.decoder = {"hidden": 16, "layers": 1, "heads": 2, "mlp": 32}
+  config.model.embed_dim = 8
   return builder.as_data_source(split="train"), config
 
 
@@ -144,8 +149,16 @@ def test_generation_scores_the_decoded_impressions_against_the_references(tiny):
 
 
 # --------------------------------------------------------------------------- end to end
+# Small towers for the end-to-end runs (compiling the steps is most of their time).
+TINY = ["--config.data.image_size=32", "--config.model.encoder_kwargs.width=4",
+        "--config.model.text.hidden=32", "--config.model.text.mlp=64",
+        "--config.model.text.layers=1", "--config.model.decoder.hidden=32",
+        "--config.model.decoder.mlp=64", "--config.model.decoder.layers=1",
+        "--config.model.embed_dim=16"]
+
+
 def _stage_args(stages, steps=4):
-  return [f"--config.stages.{s}.{k}={v}" for s in stages for k, v in (
+  return TINY + [f"--config.stages.{s}.{k}={v}" for s in stages for k, v in (
       ("num_steps", steps), ("num_epochs", 0), ("batch_size", 8), ("bootstrap", 20))]
 
 
@@ -218,6 +231,7 @@ def test_the_text_tower_starts_from_a_converted_bert_with_its_vocabulary(tmp_pat
   vocab += [w for w, _ in words.most_common(99 - len(vocab))]
   (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
   text_args = ["--config.model.text.hidden=32", "--config.model.text.layers=2",
+               "--config.model.decoder.layers=1",
                "--config.model.text.heads=4", "--config.model.text.mlp=37",
                "--config.model.decoder.hidden=32", "--config.model.decoder.heads=4",
                f"--config.data.tokenizer={tmp_path / 'vocab.txt'}", "--config.data.max_len=48",
