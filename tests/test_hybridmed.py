@@ -17,7 +17,6 @@ from medguide_jax import paths
 from medguide_jax.data import builders
 from medguide_jax.evaluation import hybridmed as hm_evals
 from medguide_jax.evaluation import text_metrics
-from medguide_jax.models import hybridmed as hm_model
 from medguide_jax.models import resnet, text
 from medguide_jax.tasks import base
 from medguide_jax.tasks import hybridmed as hm_task

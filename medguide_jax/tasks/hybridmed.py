@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medguide_jax.data import cxr, images
+from medguide_jax.data import cxr
 from medguide_jax.losses import alignment, contrastive, distillation, generation
 from medguide_jax.models import heads, hybridmed as hm_model, resnet, text
 from medguide_jax.tasks import base, supervised
@@ -245,7 +245,3 @@ def make_task(ctx: base.TaskContext) -> base.Task:
     return ProbeTask(ctx)
   return HybridMedTask(ctx)
 
-
-# The texts behind `predict`'s ids, for the evaluators: references from the split's records.
-def reference_texts(source, field: str = "impression") -> list[str]:
-  return [images.text(source[i][field]) for i in range(len(source))]
