@@ -27,7 +27,6 @@ evaluation/hybridmed.py turn them into zero-shot, retrieval and generation figur
 """
 from __future__ import annotations
 
-import functools
 
 import flax.linen as nn
 import jax
@@ -169,9 +168,9 @@ class HybridMedTask(base.Task):
     return contrastive.l2_normalize(out["global"])
 
   def predict(self, variables, batch):
-    apply = functools.partial(self.model.apply, variables, batch, train=False,
-                              parts=self.parts)
-    out = apply()
+    # Only what the outputs read: a joint stage's summariser logits would be discarded.
+    parts = self.parts if self.kind == "summariser" else ("alignment", "captioner")
+    out = self.model.apply(variables, batch, train=False, parts=parts)
     inputs, targets, target_mask = generation.shift_for_teacher_forcing(
         batch["impression_ids"], batch["impression_mask"])
     ce, _ = generation.token_cross_entropy(logits=out[self.branch], targets=targets,
