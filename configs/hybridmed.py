@@ -23,6 +23,10 @@ impression; the last findings sentence).
   python -m medguide_jax.main --config=configs/hybridmed.py:smoke --workdir=/tmp/hm_smoke
   python -m medguide_jax.main --config=configs/hybridmed.py --workdir=/tmp/hm     # CPU size
 
+  Smoke (2 epochs a stage, about 9 minutes on 2 cores, seed 0; a run check): summariser
+  ROUGE-L 0.424, BLEU-4 0.132; zero-shot mean AUC joint 0.559, joint_no_dis 0.562,
+  joint_global_only 0.591, joint_concat 0.497; captioner ROUGE-L 0.220-0.225; probe 0.539.
+
   CPU size, about 20 minutes on an idle 2-core machine. Expected, test, mean over seeds 0-2
   (README: intervals and paired differences): zero-shot mean AUC joint 0.658, joint_no_dis
   0.661, joint_global_only 0.652, joint_concat 0.627; image -> impression R@5 0.077 / 0.066 /
