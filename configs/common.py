@@ -74,6 +74,11 @@ def stage(task: str, *, num_steps: int, batch_size: int, opt: ml_collections.Con
     freeze: regex of parameter paths that do not train (their batch statistics neither).
     train_examples: > 0 trains on that many training examples only (a fixed random subset,
       the same for every seed and stage: label-efficiency studies); 0 = all.
+    train_fraction: in (0, 1], the same as a share of the training split (0 = unused; set
+      train_examples or train_fraction, not both).
+    train_stratify: a record field ('label', 'labels') to stratify the subset by: per class
+      (multi-label: per rarest positive label) a fixed share, at least one record, nested
+      (the 1% subset lies inside the 10% one); '' = a plain random subset.
     teacher_from, teacher_params: for a task with a teacher (Task.init_teacher), the stages,
       workdirs or converted .npz files its frozen teacher is loaded from, and rules as
       init_params' mapping them. The teacher is never trained nor checkpointed: a resume
@@ -85,7 +90,8 @@ def stage(task: str, *, num_steps: int, batch_size: int, opt: ml_collections.Con
   block = dict(task=task, num_steps=num_steps, num_epochs=0.0, batch_size=batch_size, opt=opt,
                eval_batch_size=128, log_every=-1, eval_every=-1, checkpoint_every=-1,
                keep_checkpoints=2, select="", patience=0, stop_when="", init_from="", init_params="",
-               freeze="", bootstrap=1000, train_examples=0, evals={}, teacher_from="",
+               freeze="", bootstrap=1000, train_examples=0, train_fraction=0.0,
+               train_stratify="", evals={}, teacher_from="",
                teacher_params="")
   unknown = set(kw) - set(block)
   if unknown:

@@ -198,6 +198,33 @@ def open_sources(config) -> dict:
     raise ConfigError(f"data {config.data.name!r}: {e}") from e
 
 
+def labelled_subset(train, stage, name: str):
+  """The training split a stage sees: all of it, or the fixed subset `train_examples` (a
+  count) or `train_fraction` (a share) asks for, stratified by the record field
+  `train_stratify` when it names one (mixture.Subset: nested, every class kept)."""
+  n, fraction = int(stage.get("train_examples", 0)), float(stage.get("train_fraction", 0.0))
+  key = stage.get("train_stratify", "")
+  if n and fraction:
+    raise ConfigError(f"stages.{name}: train_examples={n} and train_fraction={fraction}: "
+                      "set one of them")
+  if fraction:
+    n = max(1, int(round(fraction * len(train))))
+  if not n or (fraction == 1.0 and not key):
+    return train
+  try:
+    strata = None
+    if key:
+      strata = mixture.label_strata(sources.record_field(train, key))
+    # One Subset object per (source, n, key): tasks cache per-source work by identity.
+    return sources.once_per_source(train, ("subset", n, key),
+                                   lambda: mixture.Subset(train, n, strata))
+  except KeyError as e:
+    raise ConfigError(f"stages.{name}.train_stratify={key!r}: the training records have no "
+                      f"field {e}") from e
+  except ValueError as e:
+    raise ConfigError(f"stages.{name}.{e}") from e
+
+
 class StageSetup:
   """The stage's pieces the loop and the evaluation share."""
 
@@ -219,15 +246,7 @@ class StageSetup:
       raise ConfigError(f"stages.{name}: the per-device batch {stage.batch_size // jax.device_count()}"
                         f" is not divisible by opt.accumulate_steps={stage.opt.accumulate_steps}")
     self.sources = data_sources or open_sources(config)
-    if stage.get("train_examples", 0) > 0:
-      try:
-        # One Subset object per (source, n): tasks cache per-source work by identity.
-        train = self.sources["train"]
-        self.sources = {**self.sources, "train": sources.once_per_source(
-            train, ("subset", stage.train_examples),
-            lambda: mixture.Subset(train, stage.train_examples))}
-      except ValueError as e:
-        raise ConfigError(f"stages.{name}.{e}") from e
+    self.sources = {**self.sources, "train": labelled_subset(self.sources["train"], stage, name)}
     # Updates per pass over the training split: the unit of num_epochs and of the schedule.
     epoch = -(-len(self.sources["train"]) // stage.batch_size)
     self.stage = stage = resolve_stage(stage, epoch)

@@ -78,6 +78,7 @@ _STAGE_RANGES = {
     "checkpoint_every": dict(lo=-1, integer=True),
     "keep_checkpoints": dict(lo=1, integer=True), "patience": dict(lo=0, integer=True),
     "bootstrap": dict(lo=0, integer=True), "train_examples": dict(lo=0, integer=True),
+    "train_fraction": dict(lo=0, hi=1),
     "opt.lr": dict(lo=0), "opt.momentum": dict(lo=0, hi=1), "opt.b1": dict(lo=0, hi=1,
                                                                          hi_open=True),
     "opt.b2": dict(lo=0, hi=1, hi_open=True), "opt.eps": dict(lo=0, lo_open=True),

@@ -136,14 +136,34 @@ class MixtureInfo:
 
 
 class Subset:
-  """The first `n` records of a fixed permutation of `source` (independent of config.seed,
-  so every seed and stage sees the same labelled subset)."""
+  """A fixed labelled subset of `source` (independent of config.seed, so every seed and stage
+  sees the same one): label-efficiency studies.
 
-  def __init__(self, source, n: int):
+  Without `strata`: the first `n` records of a fixed permutation. With `strata` ([N] class
+  ids, one per record): per class, the first max(1, round(n * share of the class)) records of
+  a fixed permutation of that class, so a small subset of an imbalanced set keeps every
+  class, and subsets are nested (every record of a smaller `n` is in a larger one: each
+  class's count only grows with `n`). The size is then about `n` (the per-class roundings).
+  """
+
+  def __init__(self, source, n: int, strata: np.ndarray | None = None):
     if not 0 < n <= len(source):
       raise ValueError(f"train_examples={n}: the training split has {len(source)} examples")
     self.source = source
-    self.indices = np.sort(np.random.default_rng([len(source), 11]).permutation(len(source))[:n])
+    if strata is None:
+      order = np.random.default_rng([len(source), 11]).permutation(len(source))
+      self.indices = np.sort(order[:n])
+    else:
+      strata = np.asarray(strata)
+      if strata.shape != (len(source),):
+        raise ValueError(f"strata: expected one class per record ({len(source)}), got shape "
+                         f"{strata.shape}")
+      keep = []
+      for k, c in enumerate(np.unique(strata)):
+        members = np.flatnonzero(strata == c)
+        take = min(len(members), max(1, int(round(n * len(members) / len(source)))))
+        keep.append(np.random.default_rng([len(source), 11, k]).permutation(members)[:take])
+      self.indices = np.sort(np.concatenate(keep))
     self.dataset_info = getattr(source, "dataset_info", None)
 
   def __len__(self) -> int:
@@ -151,3 +171,17 @@ class Subset:
 
   def __getitem__(self, index: int) -> dict:
     return self.source[int(self.indices[index])]
+
+
+def label_strata(labels: np.ndarray) -> np.ndarray:
+  """One stratum per record for `Subset`: the label itself for class labels [N] (negative:
+  unlabelled, one stratum); for multi-label rows [N, L] (1 positive; 0, -1 uncertain or NaN
+  otherwise) the index of the record's rarest positive label (by training prevalence), L for
+  a record with none, so every label with a positive keeps one in a small subset."""
+  labels = np.asarray(labels, np.float64)
+  if labels.ndim == 1:
+    return np.where(labels >= 0, labels, -1).astype(np.int64)
+  positive = labels == 1
+  prevalence = positive.sum(0).astype(np.float64)
+  rarity = np.where(positive, prevalence[None, :], np.inf)
+  return np.where(positive.any(1), rarity.argmin(1), labels.shape[1]).astype(np.int64)

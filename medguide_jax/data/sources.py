@@ -12,6 +12,7 @@ import os
 
 import jax
 import ml_collections
+import numpy as np
 from jax.experimental import multihost_utils
 
 from medguide_jax.data import builders, cxr, mixture
@@ -23,7 +24,10 @@ LAYOUTS = {"synthetic_paired": "paired", "derm7pt": "paired", "synthetic_mammo":
            "wsi_folder": "bags", "tcga_lung_tiles": "bags", "ham10000_clinical": "bags",
            "bag_features": "feature_bags", "synthetic_cxr": "cxr_reports",
            "iu_xray": "cxr_reports", "iu_xray_text": "cxr_reports", "mimic_cxr": "cxr_reports",
-           "mimic_cxr_text": "cxr_reports"}
+           "mimic_cxr_text": "cxr_reports", "chexpert": "cxr_findings",
+           "rsna_pneumonia": "cxr_findings", "siim_acr": "cxr_findings",
+           "object_cxr": "cxr_findings", "covidx": "cxr_findings", "vqa_rad": "cxr_vqa",
+           "synthetic_cxr_vqa": "cxr_vqa"}
 DEFAULT_LAYOUT = "images"  # every other dataset: one image per record (data/images.py)
 
 
@@ -44,6 +48,17 @@ def once_per_source(source, key, compute):
   if cache_key not in _PER_SOURCE:
     _PER_SOURCE[cache_key] = (source, compute())
   return _PER_SOURCE[cache_key][1]
+
+
+def record_field(source, key: str) -> np.ndarray:
+  """Every record's `key` stacked ([N] or [N, ...]), read once per open source: reading it
+  means reading whole records (images too); labels for class weights and stratified subsets."""
+  def read():
+    try:
+      return np.stack([np.asarray(source[i][key]) for i in range(len(source))])
+    except KeyError:
+      raise KeyError(key) from None
+  return once_per_source(source, ("labels", key), read)
 
 
 def _prepare(data: ml_collections.ConfigDict):
@@ -163,7 +178,8 @@ def dataset_record(data: ml_collections.ConfigDict, sources: dict) -> dict:
   info = next(iter(sources.values())).dataset_info
   out = {"name": data.name, "version": str(info.version),
          "examples": {s: len(src) for s, src in sources.items()}}
-  if layout(data.name) == cxr.LAYOUT:  # which vocabulary the run's texts were tokenised with
+  # which vocabulary the run's texts (reports, VQA questions) were tokenised with
+  if layout(data.name) in (cxr.LAYOUT, "cxr_vqa"):
     out["tokenizer"] = cxr.tokenizer_for(data, info.metadata).describe()
   return out
 

@@ -30,10 +30,9 @@ from medguide_jax.tasks import base
 
 
 def train_labels(train_source, key: str) -> np.ndarray:
-  """Every training label ([N] or [N, T]), read once per open source: reading them means
-  reading whole records (images too), and every classifier stage of a run needs them."""
-  return sources.once_per_source(train_source, ("labels", key), lambda: np.stack(
-      [np.asarray(train_source[i][key]) for i in range(len(train_source))]))
+  """Every training label ([N] or [N, T]), read once per open source (sources.record_field):
+  every classifier stage of a run needs them."""
+  return sources.record_field(train_source, key)
 
 
 class SupervisedTask(base.Task):
