@@ -4,6 +4,14 @@ All encoders take NHWC images `x` of shape [B, H, W, C] (any float dtype; values
 whatever the input pipeline produced, e.g. ImageNet-normalised pixels) and return
 global-average-pooled features of shape [B, D] in float32.
 
+Dense tasks (segmentation decoders, models/unet.py) call them with `features=True` instead
+and get a list of float32 feature maps [B, h_i, w_i, C_i], fine to coarse: TinyCNN its three
+conv outputs (strides 2, 4, 8); ResNet the stem after its ReLU (stride 2) and each stage's
+output (strides 4, 8, 16, 32); ViT its patch tokens on their grid (one map, stride = patch).
+A CNN map at stride s is ceil(H / s) x ceil(W / s) ('SAME' padding). `feature_strides` and
+`feature_channels` give these without a forward pass. The option only changes what is
+returned: the same layers run, so the parameters are those of the pooled encoder.
+
 Parameters are always float32; `dtype` only sets the compute dtype (e.g. jnp.bfloat16 for
 mixed precision). BatchNorm statistics live in the `batch_stats` collection and are taken
 over the whole batch passed in. The trainer runs the model under `jax.jit` on a globally
@@ -135,9 +143,13 @@ class ResNet(nn.Module):
   bn_momentum: float = 0.9
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, *, train: bool, tokens: bool = False):
+  def __call__(self, x: jnp.ndarray, *, train: bool, tokens: bool = False,
+               features: bool = False):
     """Maps images [B, H, W, C] to float32 features [B, D]; with `tokens`, also the last
-    feature map's positions as tokens [B, h * w, D] (row-major)."""
+    feature map's positions as tokens [B, h * w, D] (row-major); with `features`, instead
+    the list [stem after ReLU (stride 2), stage 1 (stride 4), stage 2 (8), ...] of float32
+    maps [B, h_i, w_i, C_i]."""
+    _check_outputs(tokens, features)
     if self.block not in _BLOCKS:
       raise ValueError(f"Unknown block {self.block!r}; expected one of {sorted(_BLOCKS)}.")
     block_cls = _BLOCKS[self.block]
@@ -149,13 +161,24 @@ class ResNet(nn.Module):
     x = jnp.asarray(x, self.dtype)
     x = conv(self.width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="stem_conv")(x)
     x = nn.relu(norm(name="stem_norm")(x))
+    maps = [x]
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         strides = 2 if i > 0 and j == 0 else 1
         x = block_cls(filters=self.width * 2**i, conv=conv, norm=norm, strides=strides,
                       name=f"stage{i + 1}_block{j + 1}")(x)
+      maps.append(x)
+    if features:
+      return [m.astype(jnp.float32) for m in maps]
     return _pooled(x, tokens)
+
+
+def _check_outputs(tokens: bool, features: bool) -> None:
+  """The two extra outputs are alternatives: tokens of the last map, or all the maps."""
+  if tokens and features:
+    raise ValueError("Encoder call: tokens=True and features=True are mutually exclusive "
+                     "(features=True already holds the last map that tokens flattens).")
 
 
 def _pooled(x: jnp.ndarray, tokens: bool):
@@ -179,16 +202,24 @@ class TinyCNN(nn.Module):
   bn_momentum: float = 0.9
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, *, train: bool, tokens: bool = False):
+  def __call__(self, x: jnp.ndarray, *, train: bool, tokens: bool = False,
+               features: bool = False):
     """Maps images [B, H, W, C] to float32 features [B, 4 * width] (and, with `tokens`, the
-    last feature map's positions [B, h * w, 4 * width])."""
+    last feature map's positions [B, h * w, 4 * width]); with `features`, instead the list
+    of the three conv+norm+ReLU outputs (strides 2, 4, 8; width, 2 and 4 * width channels)
+    in float32."""
+    _check_outputs(tokens, features)
     norm = _make_norm(self.norm, train=train, dtype=self.dtype, momentum=self.bn_momentum)
     x = jnp.asarray(x, self.dtype)
+    maps = []
     for i, mult in enumerate((1, 2, 4)):
       x = nn.Conv(self.width * mult, (3, 3), (2, 2), use_bias=False, dtype=self.dtype,
                   param_dtype=jnp.float32, kernel_init=_conv_init, name=f"conv{i}",
                   conv_general_dilated=conv_lib.conv_general_dilated)(x)
       x = nn.relu(norm(name=f"norm{i}")(x))
+      maps.append(x)
+    if features:
+      return [m.astype(jnp.float32) for m in maps]
     return _pooled(x, tokens)
 
 
@@ -214,16 +245,18 @@ def _config(name: str, kw: dict[str, Any]) -> tuple[Callable[..., nn.Module], di
   return ctor, {**defaults, **kw}
 
 
-def get_encoder(name: str, *, dtype: Dtype = jnp.float32, **kw: Any) -> nn.Module:
+def get_encoder(name: str, /, *, dtype: Dtype = jnp.float32, **kw: Any) -> nn.Module:
   """Builds an encoder by name ('tiny_cnn', 'resnet18/34/50', 'vit_*', 'vgg16_bn').
 
   Args:
-    name: encoder name.
+    name: encoder name (positional-only, so that `name=` in `kw` is the flax module name,
+      e.g. get_encoder('resnet18', name='img') inside a parent module).
     dtype: compute dtype (parameters stay float32).
     **kw: overrides of the module attributes, e.g. width=32, norm='group'.
 
   Returns:
-    A module called as `module.apply(variables, x [B,H,W,C], train=...) -> [B, D]`.
+    A module called as `module.apply(variables, x [B,H,W,C], train=...) -> [B, D]`
+    (with `features=True`, the list of feature maps described in the module docstring).
 
   Raises:
     ValueError: for an unknown name.
@@ -247,3 +280,46 @@ def feature_dim(name: str, **kw: Any) -> int:
     return vgg_lib.feature_dim(attrs["width"], attrs.get("pool", 7))
   expansion = 4 if attrs["block"] == "bottleneck" else 1
   return attrs["width"] * 2**(len(attrs["stage_sizes"]) - 1) * expansion
+
+
+def _dense_encoder(name: str, kw: dict[str, Any]) -> nn.Module:
+  """The (unbound) encoder `name` built with `kw`, if it has a `features=True` output."""
+  ctor, attrs = _config(name, kw)
+  if ctor not in (TinyCNN, ResNet, vit_lib.ViT):
+    raise ValueError(f"Encoder {name!r} has no features=True output; multi-scale features "
+                     f"exist for tiny_cnn, resnet* and vit_*.")
+  return ctor(**attrs)
+
+
+def feature_strides(name: str, **kw: Any) -> tuple[int, ...]:
+  """Strides (input pixels per map pixel) of the maps that `get_encoder(name, **kw)` returns
+  with `features=True`, fine to coarse: (2, 4, 8) for tiny_cnn, (2, 4, 8, 16, 32) for a
+  four-stage ResNet, (patch,) for a ViT.
+
+  Raises:
+    ValueError: for an unknown name, or an encoder without multi-scale features (vgg16_bn).
+  """
+  enc = _dense_encoder(name, kw)
+  if isinstance(enc, TinyCNN):
+    return (2, 4, 8)
+  if isinstance(enc, vit_lib.ViT):
+    return (enc.patch,)
+  return (2,) + tuple(4 * 2**i for i in range(len(enc.stage_sizes)))
+
+
+def feature_channels(name: str, **kw: Any) -> tuple[int, ...]:
+  """Channels of the maps that `get_encoder(name, **kw)` returns with `features=True`, fine
+  to coarse, e.g. (64, 64, 128, 256, 512) for resnet18, (64, 256, 512, 1024, 2048) for
+  resnet50, (width,) for a ViT. The last entry equals `feature_dim(name, **kw)`.
+
+  Raises:
+    ValueError: as `feature_strides`.
+  """
+  enc = _dense_encoder(name, kw)
+  if isinstance(enc, TinyCNN):
+    return (enc.width, 2 * enc.width, 4 * enc.width)
+  if isinstance(enc, vit_lib.ViT):
+    return (enc.width,)
+  expansion = 4 if enc.block == "bottleneck" else 1
+  return (enc.width,) + tuple(enc.width * 2**i * expansion
+                              for i in range(len(enc.stage_sizes)))

@@ -2,7 +2,9 @@
 
 Same interface as the ResNet encoders in `resnet.py`: NHWC images [B, H, W, C] in, float32
 features [B, width] out, parameters float32, compute in `dtype`. A ViT has no batch
-statistics, so its variables hold only `params`.
+statistics, so its variables hold only `params`. With `features=True` it returns, for dense
+decoders, one map: the patch tokens (after the final LayerNorm) on their grid,
+[B, H / patch, W / patch, width] in float32 (stride = patch).
 
 Architecture, following Dosovitskiy et al. 2021 ("An Image is Worth 16x16 Words") as built
 in big_vision's `models/vit.py`:
@@ -190,9 +192,15 @@ class ViT(nn.Module):
     return resize_posemb(table, (gh, gw), grid)
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, *, train: bool, tokens: bool = False):
+  def __call__(self, x: jnp.ndarray, *, train: bool, tokens: bool = False,
+               features: bool = False):
     """Maps images [B, H, W, C] to float32 features [B, width]; with `tokens`, also the
-    patch tokens [B, N, width] (after the final LayerNorm; the class token left out)."""
+    patch tokens [B, N, width] (after the final LayerNorm; the class token left out); with
+    `features`, instead [those tokens as a map [B, H / patch, W / patch, width]] (a list
+    of one map, like the CNN encoders' multi-scale lists)."""
+    if tokens and features:
+      raise ValueError("ViT call: tokens=True and features=True are mutually exclusive "
+                       "(features=True already holds the patch tokens, on their grid).")
     grid = self._check(x)
     x = nn.Conv(self.width, (self.patch, self.patch), (self.patch, self.patch),
                 padding="VALID", dtype=self.dtype, param_dtype=jnp.float32,
@@ -217,7 +225,10 @@ class ViT(nn.Module):
     # Pool in float32: a bf16 mean over many tokens loses precision.
     x = x.astype(jnp.float32)
     pooled = x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)
+    patches = x[:, 1:] if self.pool == "cls" else x
+    if features:
+      return [patches.reshape(x.shape[0], grid[0], grid[1], self.width)]
     if tokens:
-      return pooled, x[:, 1:] if self.pool == "cls" else x
+      return pooled, patches
     return pooled
 
