@@ -39,6 +39,7 @@ setup(
         "tokenizers>=0.15",     # hybridmed: WordPiece report vocabularies
         "safetensors>=0.4",     # hybridmed: Hugging Face BERT checkpoints, read without torch
         "pycocoevalcap>=1.2",   # hybridmed: COCO's BLEU/ROUGE-L/CIDEr scorers (pure Python; no Java)
+        "pycocotools>=2.0.7",   # hybridmed downstream: COCO-style detection AP
     ],
     extras_require={
         # tensorboard: the tests read the event files with TensorBoard's own reader.
