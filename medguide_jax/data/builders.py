@@ -53,6 +53,14 @@ _REGISTRY = {
     "iu_xray_text": "data_prep.cxr_reports:IuXrayText",
     "mimic_cxr": "data_prep.cxr_reports:MimicCxr",
     "mimic_cxr_text": "data_prep.cxr_reports:MimicCxrText",
+    # hybridmed's downstream sets (layout 'cxr_findings' / 'cxr_vqa').
+    "chexpert": "data_prep.cxr_downstream:CheXpert",
+    "rsna_pneumonia": "data_prep.cxr_downstream:RsnaPneumonia",
+    "siim_acr": "data_prep.cxr_downstream:SiimAcr",
+    "object_cxr": "data_prep.cxr_downstream:ObjectCxr",
+    "covidx": "data_prep.cxr_downstream:Covidx",
+    "vqa_rad": "data_prep.cxr_vqa:VqaRad",
+    "synthetic_cxr_vqa": "medguide_jax.data.synthetic_vqa:SyntheticCxrVqa",
 }
 
 
