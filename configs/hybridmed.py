@@ -129,6 +129,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       lambda_cg=1.0, lambda_cl=1.0, lambda_sum=1.0, lambda_cap=1.0, lambda_dis=1.0,
       temperature=1.0, local="mgca", local_temperature=0.1, label_smoothing=0.0,
       gen_len=0))   # 0: up to data.impression_len - 1 generated tokens
+  # The probe is downstream's linear evaluation (tasks/downstream.py): its label policy.
+  c.downstream = ml_collections.ConfigDict(dict(uncertain="ones"))   # CheXpert's -1: U-Ones
   gen = {"generation": {"splits": "validation,test"}}
   joint_evals = {"zero_shot": {"classes": ""}, "retrieval": {}, **gen}   # "": the label groups
   stages = {"summariser": _stage("summariser", sz, select="min:val/loss", eval_every=-1,

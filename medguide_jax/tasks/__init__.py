@@ -15,7 +15,8 @@ __all__ = ["LossState", "METHODS", "Task", "TaskContext", "finish_run", "get_tas
 METHODS = {"guidance": "medguide_jax.tasks.guidance", "ssl": "medguide_jax.tasks.ssl",
            "glam": "medguide_jax.tasks.glam",
            "missing_modality": "medguide_jax.tasks.missing_modality",
-           "hybridmed": "medguide_jax.tasks.hybridmed"}
+           "hybridmed": "medguide_jax.tasks.hybridmed",
+           "downstream": "medguide_jax.tasks.downstream"}
 
 
 def get_task(ctx: TaskContext) -> Task:

@@ -28,15 +28,14 @@ evaluation/hybridmed.py turn them into zero-shot, retrieval and generation figur
 from __future__ import annotations
 
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from medguide_jax.data import cxr
 from medguide_jax.losses import alignment, contrastive, distillation, generation
-from medguide_jax.models import heads, hybridmed as hm_model, resnet, text
-from medguide_jax.tasks import base, supervised
+from medguide_jax.models import hybridmed as hm_model, text
+from medguide_jax.tasks import base, downstream
 
 KINDS = ("summariser", "joint", "joint_no_dis", "joint_global_only", "joint_concat", "probe")
 JOINT_KINDS = ("joint", "joint_no_dis", "joint_global_only", "joint_concat")
@@ -196,45 +195,10 @@ class HybridMedTask(base.Task):
     return {"loss"}
 
 
-class ProbeNet(nn.Module):
-  """The image tower `img` (frozen: eval mode) and one linear head per label group."""
-  encoder: str
-  encoder_kwargs: dict
-  num_tasks: int
-
-  def setup(self):
-    self.img = resnet.get_encoder(self.encoder, **dict(self.encoder_kwargs))
-    self.head = heads.MultiTaskHead((2,) * self.num_tasks, dropout_rate=0.0)
-
-  def __call__(self, batch, *, train: bool = False):
-    features = jax.lax.stop_gradient(self.img(batch["image"], train=False))
-    return {"logits": self.head(features, train=train), "features": features}
-
-
-class ProbeTask(supervised.SupervisedTask):
-  """probe: the shared supervised task on the frozen image tower; one binary task per label
-  group (a study is positive for a group when any of its labels is), the dataset's
-  `label_groups` metadata or each label alone."""
-
-  def __init__(self, ctx: base.TaskContext):
-    meta = dict(ctx.train_source.dataset_info.metadata or {})
-    names = list(meta.get("label_names") or [])
-    groups = dict(meta.get("label_groups") or {n: [n] for n in names})
-    if not names:
-      raise ValueError(f"dataset {ctx.config.data.name!r} has no labels: the probe needs them")
-    self.group_index = [[names.index(l) for l in members] for members in groups.values()]
-    m = ctx.config.model
-    super().__init__(ctx, model=ProbeNet(m.encoder, dict(m.encoder_kwargs), len(groups)),
-                     num_classes=(2,) * len(groups), task_names=tuple(groups),
-                     headline="mean/auc", columns=("mean/auc", "mean/balanced_accuracy"))
-    self._tok = tokenizer(ctx)
-
-  def example_fn(self, record, rng, *, augment):
-    out = cxr.report_example(record, rng if augment else None,
-                             image_size=self.config.data.image_size, tokenizer=self._tok)
-    labels = np.nan_to_num(np.asarray(record["labels"], np.float32), nan=0.0) > 0
-    return {"image": out["image"],
-            "labels": np.asarray([labels[i].any() for i in self.group_index], np.int32)}
+class ProbeTask(downstream.ClassifyTask):
+  """probe: downstream's linear evaluation (tasks/downstream.py) of this run's frozen joint
+  tower: one binary task per label group (a study is positive for a group when any of its
+  labels is), the dataset's `label_groups` metadata or each label alone."""
 
 
 def make_task(ctx: base.TaskContext) -> base.Task:
