@@ -38,7 +38,7 @@ loads with `pretrained=<workdir>/pretrain`. Watch `train/swav_loss` (from ~ln K 
 `train/code_entropy`, `train/prototype_usage`; a warning is logged if the loss sits at ln K.
 
 Arguments after ':': dataset=synthetic|real|mixture|<dataset name>, model=resnet50|resnet18|
-vit_s16|vit_b16|tiny_cnn (overrides the size's), size=smoke|cpu|paper, smoke (= size=smoke),
+vit_s16|vit_b16|tiny_cnn (overrides the size's), size=smoke|cpu|cxr|paper, smoke (= size=smoke),
 objective=swav|contrastive|both.
 """
 from __future__ import annotations
@@ -49,6 +49,8 @@ from configs import common
 
 # dataset arg -> data.name (and data.mixture for 'real').
 DATASETS = {"synthetic": "synthetic_multimodality", "real": "mixture", "mixture": "mixture"}
+# Report datasets (no class labels): SwAV on their images, grey, the kNN monitor off.
+CXR_DATASETS = ("synthetic_cxr", "iu_xray", "mimic_cxr")
 REAL_MIXTURE = "medical_misc:1,brain_tumor_mri:1,breastmnist:1,pneumoniamnist:1,ham10000:1"
 
 SIZES = {
@@ -61,6 +63,15 @@ SIZES = {
     "cpu": dict(encoder="resnet18", kw={"width": 16}, crops=(2, 64, 4, 32), batch=64, steps=1000,
                 K=100, proj=(512, 64), queue=0, freeze=50, opt="lars", lr=4.8, base_batch=0,
                 warmup=-1),
+    # Chest X-rays for hybridmed's downstream comparison (configs/downstream.py): hybridmed's
+    # CPU-size image tower (tiny_cnn width 32 at 64 px, grey), pretrained by SwAV on the same
+    # synthetic_cxr training images, labels unused.
+    # Measured (seed 0, 2026-12-01): at lr 4.8 with the default augmentation the SwAV loss sat
+    # at ln K from step 60 to 750 (and NT-Xent at chance with objective=both); lr 0.6 with
+    # the X-ray augmentation below left it (swav 4.44, NT-Xent 4.41 by step 300).
+    "cxr": dict(encoder="tiny_cnn", kw={"width": 32}, crops=(2, 64, 4, 32), batch=64,
+                steps=1000, K=100, proj=(256, 64), queue=0, freeze=50, opt="lars", lr=0.6,
+                base_batch=0, warmup=-1),
     # SwAV's batch-4096 recipe: 2x224 + 6x96, K=3000, queue off, LARS 4.8 for batch 4096.
     "paper": dict(encoder="resnet50", kw={}, crops=(2, 224, 6, 96), batch=4096, steps=31300,
                   K=3000, proj=(2048, 128), queue=0, freeze=313, opt="lars", lr=4.8,
@@ -111,8 +122,11 @@ def data_block(c: ml_collections.ConfigDict, dataset: str, px: int) -> None:
   c.data.name = DATASETS.get(dataset, dataset)
   c.data.mixture = REAL_MIXTURE if dataset == "real" else ""
   c.data.image_size = px
-  c.data.channels = 3   # grey images are repeated; 1 turns colour images into luma
-  c.data.norm = "source"  # per-source mean/std; 'fixed' = (0.5, 0.25) for every image
+  cxr = c.data.name.partition(":")[0] in CXR_DATASETS
+  # grey images are repeated; 1 turns colour images into luma. Chest X-rays: one channel
+  # and the fixed normalisation, as hybridmed's image tower sees them.
+  c.data.channels = 1 if cxr else 3
+  c.data.norm = "fixed" if cxr else "source"  # per-source mean/std; 'fixed' = (0.5, 0.25)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -131,4 +145,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = model_block(sz, arg.model)
   c.ssl = ssl_block(sz, arg.objective)
   c.stages = ml_collections.ConfigDict({"pretrain": pretrain_stage(sz)})
+  if c.data.name.partition(":")[0] in CXR_DATASETS:
+    c.stages.pretrain.evals = {}   # no class labels for the kNN monitor
+    # hybridmed's X-ray augmentation (data/cxr.CXR_AUGMENT): no flip (a mirrored radiograph
+    # swaps left and right), milder intensity jitter, no gamma, blur or noise.
+    c.ssl.augment.update(flip_p=0.0, brightness=0.2, contrast=0.2, gamma=(1.0, 1.0),
+                         blur_p=0.0, noise_p=0.0)
   return c

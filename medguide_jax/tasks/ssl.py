@@ -69,6 +69,10 @@ class _SSLData:
 
   def example_fn(self, record, rng, *, augment: bool):
     channels = self.config.data.channels
+    if "label" not in record and "labels" in record:
+      # Report / findings layouts (chest X-rays) carry multi-label findings, no class: their
+      # images pretrain SwAV unlabelled (-1), as an unlabelled dataset's do.
+      record = {**record, "label": -1}
     if self.multicrop and augment:
       return multicrop.multicrop_example(record, rng, crops=self.crops, channels=channels,
                                          norm=self.norms, augment_cfg=self.augment_cfg)
@@ -76,7 +80,8 @@ class _SSLData:
     out = multicrop.single_image_example(record, rng if augment else None, image_size=size,
                                          channels=channels, norm=self.norms)
     # The robustness evaluator perturbs [0, 1] intensities: it needs the normalisation used.
-    mean, std = (self.norms or {}).get(images_lib.text(record["source"]), multicrop.DEFAULT_NORM)
+    mean, std = (self.norms or {}).get(images_lib.text(record.get("source", "")),
+                                      multicrop.DEFAULT_NORM)
     out["norm_mean"], out["norm_std"] = np.float32(mean), np.float32(std)
     return out
 
