@@ -1,7 +1,12 @@
-r"""One experiment over several seeds: mean, sd and 95% t-interval per model and metric.
+r"""One experiment over several seeds: mean, sd and 95% t-interval per model and metric;
+or the same experiment run from several sources (e.g. encoders), one column per source.
 
   python -m medguide_jax.report --workdirs=/tmp/ft_s0,/tmp/ft_s1,/tmp/ft_s2 \
       [--pairs=finetune:scratch,probe:probe_random] [--out=/tmp/ssl_report]
+
+  python -m medguide_jax.report \
+      --groups='hybridmed=/tmp/hm0,/tmp/hm1;swav=/tmp/sw0,/tmp/sw1;random=/tmp/rn0,/tmp/rn1' \
+      [--pairs=hybridmed:random,hybridmed:swav] [--metrics=dice,map] [--out=/tmp/downstream]
 
 Each workdir is a finished run (train.py) of the same config with a different seed: its
 results.json table gives the test metrics of each model (stage), its config.json the seed.
@@ -21,6 +26,28 @@ Printed as Markdown:
 
 Exit code 2, with one line on stderr, for a workdir without results.json or a pair naming a
 stage that is in no table; duplicate seeds across workdirs are warned about on stderr.
+
+Group mode (--groups, instead of --workdirs): `LABEL=W1,W2,...` entries separated by ';', one
+per source (a label holds no ':', ',' or ';'), each a list of finished workdirs of the same
+config, one per seed. Printed as Markdown:
+
+* "<metric> by source": rows = the models (union, in table order of first appearance), one
+  column per group in the given order, cell = mean ± sd (n runs) of the row's headline metric
+  (the first metric of that model's table row; the `metric` column names it, since rows
+  differ), '-' where a group has no value. With --metrics=m1,m2: one such table per listed
+  metric instead (a row lacking it gets '-');
+* with --pairs=a:b naming group labels (`a-b` too, where only one '-' splits it into two
+  labels): per model, the paired difference a - b of the same metric, matched by SEED
+  (config.json's seed; where a group has runs without a seed, or a seed twice, its runs are
+  matched by position and a warning is printed; seeds only one group has are left out, with a
+  warning): mean ± sd [95% t-interval] (n; seeds with a > b), as in the per-stage pairs.
+
+--out=PREFIX writes PREFIX.json (everything, each run's value included) and PREFIX.md; no
+PREFIX.svg in group mode: the per-seed plot has one metric on one axis, while the rows of a
+group table differ in metric.
+
+Exit code 2, with one line, also for --groups with --workdirs (or neither), a malformed group
+entry (named), a duplicate label, a group without workdirs, a pair naming an unknown group.
 """
 from __future__ import annotations
 
@@ -45,6 +72,9 @@ _PAIRS = flags.DEFINE_list("pairs", [], "Paired differences `a:b` (a minus b); `
                            flag_values=_FLAGS)
 _OUT = flags.DEFINE_string("out", "", "Also write PREFIX.json, PREFIX.md and PREFIX.svg.",
                            flag_values=_FLAGS)
+_GROUPS = flags.DEFINE_string(
+    "groups", "", "Instead of --workdirs: `LABEL=W1,W2,...` entries separated by ';', one "
+    "column per label (e.g. encoder source); --pairs then names labels.", flag_values=_FLAGS)
 _METRICS = flags.DEFINE_list(
     "metrics", [], "Only these table metrics, in this order (the first is the headline); "
     "default: every one, the runs' headline first.", flag_values=_FLAGS)
@@ -77,12 +107,17 @@ def _read_run(workdir: str) -> dict:
     seed = metric_writers.read_json(config_path).get("seed") if config_path.exists() else None
   except (ValueError, KeyError, TypeError, AttributeError) as e:
     raise ReportError(f"unreadable results.json or config.json in {workdir}: {e!r}") from e
-  rows, cis = {}, {}
+  rows, cis, headlines = {}, {}, {}
   for row in table:
+    # The row's headline is its first metric, whatever its value (a null is still first).
+    firsts = [k for k in row if k != "model" and not k.endswith("_ci95")]
+    if firsts:
+      headlines[row["model"]] = firsts[0]
     rows[row["model"]] = {k: _number(v) for k, v in row.items()
                           if k != "model" and not k.endswith("_ci95") and _number(v) is not None}
     cis[row["model"]] = {k.removesuffix("_ci95"): v for k, v in row.items() if k.endswith("_ci95")}
-  return {"workdir": str(workdir), "seed": seed, "table": rows, "ci95": cis}
+  return {"workdir": str(workdir), "seed": seed, "table": rows, "ci95": cis,
+          "headlines": headlines}
 
 
 def _union(lists) -> list:
@@ -184,17 +219,32 @@ def paired(collected: dict, a: str, b: str) -> dict:
   return out
 
 
-def parse_pairs(pairs: Sequence[str], models: Sequence[str]) -> list[tuple[str, str]]:
-  """`a:b` (or `a-b`) strings as (a, b); ReportError naming the valid stages otherwise."""
+def _split_pair(text: str, names: Sequence[str]) -> list[str]:
+  """`a:b`, else `a-b`; a name with '-' in it is found by trying each '-' as the split."""
+  if ":" in text:
+    return text.split(":")
+  parts = text.split("-")
+  if len(parts) > 2:
+    splits = [["-".join(parts[:i]), "-".join(parts[i:])] for i in range(1, len(parts))]
+    valid = [s for s in splits if all(x in names for x in s)]
+    if len(valid) == 1:
+      return valid[0]
+  return parts
+
+
+def parse_pairs(pairs: Sequence[str], models: Sequence[str], kind: str = "stage",
+                where: str = "in the tables") -> list[tuple[str, str]]:
+  """`a:b` (or `a-b`) strings as (a, b); ReportError naming the valid stages otherwise
+  (`kind`/`where` word the message for other names, e.g. "group", "in --groups")."""
   out = []
   for text in pairs:
-    parts = text.split(":") if ":" in text else text.split("-")
+    parts = _split_pair(text, models)
     if len(parts) != 2 or not all(parts):
       raise ReportError(f"bad pair {text!r}: expected a:b (a minus b)")
     unknown = [p for p in parts if p not in models]
     if unknown:
-      raise ReportError(f"pair {text!r}: no stage {', '.join(map(repr, unknown))} in the "
-                        f"tables; valid stages: {', '.join(models)}")
+      raise ReportError(f"pair {text!r}: no {kind} {', '.join(map(repr, unknown))} {where}; "
+                        f"valid {kind}s: {', '.join(models)}")
     out.append((parts[0], parts[1]))
   return out
 
@@ -220,6 +270,133 @@ def make_report(workdirs: Sequence[str], pairs: Sequence[str] = (),
       "summary": {m: {k: cell(collected, m, k) for k in collected["metrics"]}
                   for m in collected["models"]},
       "pairs": [paired(collected, a, b) for a, b in pair_list],
+  }
+
+
+# --------------------------------------------------------------------------- groups
+def parse_groups(text: str) -> list[tuple[str, list[str]]]:
+  """`LABEL=W1,W2;LABEL2=W3` as [(label, [workdirs])], in order; empty entries (a trailing
+  ';') are skipped. ReportError naming the entry for a malformed one, a duplicate label or a
+  group without workdirs."""
+  groups: list[tuple[str, list[str]]] = []
+  for entry in text.split(";"):
+    if not entry.strip():
+      continue
+    label, eq, dirs = entry.partition("=")
+    label = label.strip()
+    if not eq or not label or any(c in label for c in ":,"):
+      raise ReportError(f"bad --groups entry {entry.strip()!r}: expected LABEL=W1,W2,... "
+                        "(a label without ':' or ',')")
+    if label in [g[0] for g in groups]:
+      raise ReportError(f"duplicate --groups label {label!r}")
+    workdirs = [w.strip() for w in dirs.split(",") if w.strip()]
+    if not workdirs:
+      raise ReportError(f"--groups entry {entry.strip()!r}: group {label!r} has no workdirs")
+    groups.append((label, workdirs))
+  if not groups:
+    raise ReportError(f"--groups {text!r} has no LABEL=W1,W2,... entry")
+  return groups
+
+
+def _row_headlines(collected: list[dict], models: Sequence[str]) -> dict[str, str]:
+  """Each model's headline: the first metric of its row in the first run that has it; a run
+  whose row starts with another metric is warned about (the first one is used)."""
+  out: dict[str, str] = {}
+  for model in models:
+    seen = [(r["workdir"], r["headlines"][model]) for c in collected for r in c["runs"]
+            if model in r["headlines"]]
+    if not seen:
+      continue
+    out[model] = seen[0][1]
+    other = [w for w, h in seen if h != out[model]]
+    if other:
+      _warn(f"model {model!r}: headline {out[model]!r} in {seen[0][0]}, another metric first "
+            f"in {', '.join(other)}; using {out[model]!r}")
+  return out
+
+
+def _match_by_seed(a_label: str, a: dict, b_label: str, b: dict) -> list[tuple[dict, dict]]:
+  """The (run of a, run of b) pairs with the same seed, in a's order. Where either group has
+  a run without a seed, or a seed twice, the runs are matched by position instead (warned)."""
+  def seeds_ok(c):
+    seeds = [r["seed"] for r in c["runs"]]
+    return None not in seeds and len(set(seeds)) == len(seeds)
+  if not (seeds_ok(a) and seeds_ok(b)):
+    _warn(f"pair {a_label}:{b_label}: runs without a seed (or with a repeated seed) in "
+          f"{a_label!r} or {b_label!r}; matching their runs by position")
+    if len(a["runs"]) != len(b["runs"]):
+      _warn(f"pair {a_label}:{b_label}: {len(a['runs'])} runs against {len(b['runs'])}; "
+            "the extra runs are left out")
+    return list(zip(a["runs"], b["runs"]))
+  b_by_seed = {r["seed"]: r for r in b["runs"]}
+  matched = [(r, b_by_seed[r["seed"]]) for r in a["runs"] if r["seed"] in b_by_seed]
+  a_seeds = {r["seed"] for r in a["runs"]}
+  lone = [r["seed"] for r in a["runs"] if r["seed"] not in b_by_seed] + [
+      r["seed"] for r in b["runs"] if r["seed"] not in a_seeds]
+  if lone:
+    _warn(f"pair {a_label}:{b_label}: seeds {lone} are in only one of the groups; left out")
+  return matched
+
+
+def group_paired(matched: list[tuple[dict, dict]], a: str, b: str, models: Sequence[str],
+                 metric_of: dict[str, str | None]) -> dict:
+  """Groups a - b per model on the model's metric (`metric_of`), over the matched runs
+  (those lacking either value are left out); the summary of paired()."""
+  out = {"a": a, "b": b, "models": {}}
+  for model in models:
+    metric, diffs = metric_of.get(model), []
+    for ra, rb in matched:
+      va = _finite(ra["table"].get(model, {}).get(metric))
+      vb = _finite(rb["table"].get(model, {}).get(metric))
+      if va is not None and vb is not None:
+        diffs.append({"seed": ra["seed"] if ra["seed"] == rb["seed"] else None,
+                      "workdir_a": ra["workdir"], "workdir_b": rb["workdir"],
+                      "value": va - vb})
+    if diffs:
+      out["models"][model] = {"metric": metric, "diffs": diffs,
+                              **summarise([d["value"] for d in diffs]),
+                              "a_gt_b": sum(d["value"] > 0 for d in diffs)}
+  return out
+
+
+def make_group_report(groups: Sequence[tuple[str, Sequence[str]]], pairs: Sequence[str] = (),
+                      metrics: Sequence[str] = ()) -> dict:
+  """Group mode as one JSON-able dict: per table (the rows' headlines, or each of `metrics`)
+  and model, the metric and one cell() per group; per table and pair, group_paired().
+
+  ReportError for a workdir without results.json, a metric no run has, a pair naming an
+  unknown group.
+  """
+  labels = [label for label, _ in groups]
+  collected = [collect(workdirs) for _, workdirs in groups]
+  all_metrics = _union(c["metrics"] for c in collected)
+  if metrics:
+    unknown = [m for m in metrics if m not in all_metrics]
+    if unknown:
+      raise ReportError(f"--metrics {unknown}: no run's table has them; they have "
+                        f"{all_metrics}")
+  pair_list = parse_pairs(pairs, labels, kind="group", where="in --groups")
+  for c in collected:
+    _check_runs(c)
+  models = _union(c["models"] for c in collected)
+  headlines = _row_headlines(collected, models)
+  specs = [(m, {model: m for model in models}) for m in metrics] or [(None, headlines)]
+  matched = {(a, b): _match_by_seed(a, collected[labels.index(a)], b,
+                                    collected[labels.index(b)]) for a, b in pair_list}
+  tables = []
+  for name, metric_of in specs:
+    rows = {model: {"metric": metric_of.get(model),
+                    "cells": {label: cell(c, model, metric_of.get(model))
+                              for label, c in zip(labels, collected)}}
+            for model in models}
+    tables.append({"metric": name, "rows": rows,
+                   "pairs": [group_paired(matched[(a, b)], a, b, models, metric_of)
+                             for a, b in pair_list]})
+  return {
+      "groups": [{"label": label, "workdirs": list(workdirs),
+                  "runs": [{k: r[k] for k in ("workdir", "seed", "label")} for r in c["runs"]]}
+                 for (label, workdirs), c in zip(groups, collected)],
+      "models": models, "headlines": headlines, "metrics": list(metrics), "tables": tables,
   }
 
 
@@ -273,6 +450,39 @@ def markdown(report: dict) -> str:
 def _diff_cell(s: dict) -> str:
   text = format_cell(s, signed=True)
   return text if text == "-" else text[:-1] + f"; a>b {s['a_gt_b']}/{s['n']})"
+
+
+def format_mean_sd(s: dict) -> str:
+  """`0.512 ± 0.023 (n=4)`; `0.512 (n=1)`; `-` without a value."""
+  if not s.get("n"):
+    return "-"
+  sd = f" ± {s['sd']:.3f}" if s.get("sd") is not None else ""
+  return f"{s['mean']:.3f}{sd} (n={s['n']})"
+
+
+def group_markdown(report: dict) -> str:
+  """Group mode: the runs per group, then per table the model x group cells and (with
+  pairs) the model x pair differences."""
+  labels = [g["label"] for g in report["groups"]]
+  lines = ["runs per source:", ""]
+  for g in report["groups"]:
+    seeds = ", ".join("-" if r["seed"] is None else str(r["seed"]) for r in g["runs"])
+    n = len(g["runs"])
+    lines.append(f"- {g['label']}: {n} run{'s' * (n != 1)} (seed{'s' * (n != 1)} {seeds})")
+  for t in report["tables"]:
+    what = t["metric"] or "headline metric"
+    lines += ["", f"test {what} by source: mean ± sd (n runs)", ""]
+    lines += _table(["model", "metric"] + labels,
+                    [[m, row["metric"] or "-"] + [format_mean_sd(row["cells"][g]) for g in labels]
+                     for m, row in t["rows"].items()])
+    if t["pairs"]:
+      lines += ["", f"paired differences a - b of the {what}, matched by seed: mean ± sd "
+                "[95% t-interval] (n; seeds with a > b)", ""]
+      lines += _table(["model", "metric"] + [f"{p['a']} - {p['b']}" for p in t["pairs"]],
+                      [[m, row["metric"] or "-"] +
+                       [_diff_cell(p["models"].get(m, {})) for p in t["pairs"]]
+                       for m, row in t["rows"].items()])
+  return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- plot
@@ -337,30 +547,41 @@ def svg(report: dict) -> str:
 
 # --------------------------------------------------------------------------- outputs
 def write_outputs(report: dict, prefix: str) -> list[str]:
-  """PREFIX.json, PREFIX.md and (with a headline metric) PREFIX.svg; the paths written."""
+  """PREFIX.json, PREFIX.md and (with a headline metric, not in group mode) PREFIX.svg; the
+  paths written."""
   base = epath.Path(prefix)
   base.parent.mkdir(parents=True, exist_ok=True)
   paths = [base.parent / f"{base.name}.json", base.parent / f"{base.name}.md"]
+  grouped = "groups" in report
   metric_writers.write_json_atomic(paths[0], report)
-  metric_writers.write_text_atomic(paths[1], markdown(report))
-  if report["headline"]:
+  metric_writers.write_text_atomic(paths[1], group_markdown(report) if grouped
+                                   else markdown(report))
+  if not grouped and report["headline"]:
     paths.append(base.parent / f"{base.name}.svg")
     metric_writers.write_text_atomic(paths[2], svg(report))
   return [str(p) for p in paths]
 
 
 def run(workdirs: Sequence[str], pairs: Sequence[str] = (), out: str = "",
-        metrics: Sequence[str] = ()) -> int:
-  """Prints the Markdown report (and writes the --out files); the exit code."""
-  if not workdirs:
-    print("report: --workdirs is required (comma-separated)", file=sys.stderr)
+        metrics: Sequence[str] = (), groups: str = "") -> int:
+  """Prints the Markdown report (and writes the --out files); the exit code. `groups` is the
+  --groups text (group mode, instead of `workdirs`)."""
+  if workdirs and groups:
+    print("report: --workdirs and --groups are mutually exclusive", file=sys.stderr)
+    return 2
+  if not workdirs and not groups:
+    print("report: --workdirs is required (comma-separated), or --groups="
+          "'LABEL=W1,W2,...;LABEL2=...'", file=sys.stderr)
     return 2
   try:
-    report = make_report(workdirs, pairs, metrics)
+    if groups:
+      report = make_group_report(parse_groups(groups), pairs, metrics)
+    else:
+      report = make_report(workdirs, pairs, metrics)
   except ReportError as e:
     print(f"report: {e}", file=sys.stderr)
     return 2
-  print(markdown(report), end="", flush=True)
+  print(group_markdown(report) if groups else markdown(report), end="", flush=True)
   if out:
     try:
       written = write_outputs(report, out)
@@ -394,7 +615,8 @@ def main(argv: Sequence[str]) -> int:
   if stray:
     print(f"report: unexpected arguments: {' '.join(stray)}", file=sys.stderr)
     return 2
-  return run(_WORKDIRS.value or [], _PAIRS.value or [], _OUT.value, _METRICS.value or [])
+  return run(_WORKDIRS.value or [], _PAIRS.value or [], _OUT.value, _METRICS.value or [],
+             _GROUPS.value)
 
 
 if __name__ == "__main__":
