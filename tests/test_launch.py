@@ -128,6 +128,9 @@ NOTEBOOKS = {
     "explore_hybridmed.ipynb": ("medguide_jax.load_run(WORKDIR)", "results.json", "metrics.jsonl",
                                 'dataset("test", train=False)', "run.predict(",
                                 "generated/captioner", "region_boxes", "embed_texts"),
+    "explore_downstream.ipynb": ("medguide_jax.load_run(WORKDIR, stage=", "results.json",
+                                 "metrics.jsonl", 'dataset("test", train=False)', "run.predict(",
+                                 "probs/", '["logits"]', "detection.nms(", '"answers"'),
 }
 
 
