@@ -16,8 +16,7 @@ Stages (dataset=synthetic_cxr, the embedded default; `stages=a+b` keeps some):
                                          the training labels (nested, stratified)
   finetune_1, finetune_10, finetune_100  the same, fine-tuned
   segment_frozen, segment                U-Net over the frozen / fine-tuned tower (100%)
-  segment_10                             fine-tuned on 10% of the images
-  detect_frozen, detect                  CenterNet over the frozen / fine-tuned tower (100%)
+  detect                                 CenterNet over the fine-tuned tower (100%)
 dataset=synthetic_cxr_vqa: vqa_frozen, vqa (question tower and fusion trained from scratch for
 every source: the comparison is of image towers). dataset=pneumoniamnist: the six
 classification stages (real chest X-rays; cross-domain transfer from synthetic_cxr).
@@ -70,8 +69,8 @@ SIZES = {
     "smoke": dict(image=64, encoder="tiny_cnn", width=32, batch=32, linear_steps=40,
                   finetune_steps=40, dense_steps=40, vqa_steps=40, bootstrap=50),
     # The README's table.
-    "cpu": dict(image=64, encoder="tiny_cnn", width=32, batch=32, linear_steps=300,
-                finetune_steps=300, dense_steps=500, vqa_steps=500, bootstrap=1000),
+    "cpu": dict(image=64, encoder="tiny_cnn", width=32, batch=32, linear_steps=150,
+                finetune_steps=150, dense_steps=250, vqa_steps=300, bootstrap=500),
 }
 
 
@@ -81,7 +80,7 @@ def _stage(task: str, steps: int, lr: float, sz: dict, src: str, init_params: st
   opt = common.optimizer("adam", lr=lr, schedule="cosine", warmup_steps=-1)
   return common.stage(
       task, num_steps=steps, batch_size=sz["batch"], eval_batch_size=128, opt=opt,
-      eval_every=max(steps // 10, 1), select=select, bootstrap=sz["bootstrap"],
+      eval_every=max(steps // 3, 1), select=select, bootstrap=sz["bootstrap"],
       init_from=src, init_params=init_params if src else "",
       freeze="img/.*" if frozen else "", train_fraction=fraction / 100.0 if fraction else 0.0,
       train_stratify=stratify if fraction else "")
@@ -138,12 +137,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                       frozen=True, select="max:val/dice")
     stages["segment"] = _stage("segment", sz["dense_steps"], 1e-3, sz, src, rules,
                                frozen=False, select="max:val/dice")
-    stages["segment_10"] = _stage("segment", sz["dense_steps"], 1e-3, sz, src, rules,
-                                  frozen=False, fraction=10, stratify=stratify,
-                                  select="max:val/dice")
   if "detect" in kinds:
-    stages["detect_frozen"] = _stage("detect", sz["dense_steps"], 1e-3, sz, src, rules,
-                                     frozen=True, select="max:val/map")
     stages["detect"] = _stage("detect", sz["dense_steps"], 1e-3, sz, src, rules,
                               frozen=False, select="max:val/map")
   if "vqa" in kinds:
