@@ -567,48 +567,52 @@ def train_stage(setup: StageSetup, workdir: epath.Path) -> TrainState:
                optim.count_params(state.params), first, stage.num_steps)
   stopped_early = (stage.patience > 0 and int(state.evals_since_best) >= stage.patience
                    or _stopped_by_rule(setup, first))
-  for step in range(first + 1, stage.num_steps + 1) if not stopped_early else ():
-    _profile(setup, step - 1)
-    with jax.profiler.StepTraceAnnotation("train", step_num=step):
-      state, metrics = step_fn(state, parallel.to_global(next(data_iter), setup.mesh))
-    log, last = {}, stage.num_steps
-    if _every(stage.log_every, step, last):
-      _check_finite(setup, state, ckpt)
-      log.update(_scalars(metrics, "train/"), **progress.report(step))
-      setup.task.on_log(step, log)
-    if (stage.select or stage.get("stop_when")) and _every(stage.eval_every, step, last):
-      t = time.monotonic()
-      _check_finite(setup, state, ckpt)
-      if stage.select or stage.get("stop_when", "").startswith("eval/validation/"):
-        val = evaluate_split(setup, _variables(state, "last"), "validation",
-                             during_training=True)
-        if stage.select:
-          state = jax.device_put(_track_best(setup, state, val), shardings)
-        log.update(_scalars(val, "eval/validation/"))
-      if stage.get("stop_when", "").startswith("eval/train/"):
-        log.update(_scalars(evaluate_split(setup, _variables(state, "last"), "train",
-                                           during_training=True), "eval/train/"))
-      progress.pause(time.monotonic() - t)
-      stopped_early = stage.patience > 0 and int(state.evals_since_best) >= stage.patience
-      if stage.get("stop_when") and _rule_holds(setup, log, step):
-        stopped_early = True
-    if log:
-      writer.write(step, log)
-    preempted = _preempted(step)
-    if _every(stage.checkpoint_every, step, last) or preempted or stopped_early:
-      _check_finite(setup, state, ckpt)
-      writer.flush()  # the events up to this checkpoint outlive a kill after it
-      ckpt.save(step, _checkpointed(state), data_iter)
-    if preempted:
-      ckpt.wait()
-      raise Preempted(f"[{name}] preempted; checkpoint saved at step {step}")
-    if stopped_early:
-      logging.info("[%s] early stop at step %d (best step %d)", name, step, int(state.best_step))
-      break
-  _profile(setup, -1)
-  ckpt.wait()
-  ckpt.close()
-  writer.close()
+  # The writer's TensorBoard thread is closed on every way out (an error, a preemption):
+  # left open, a later run in the same process (a notebook, the tests) stalls on its queue.
+  try:
+    for step in range(first + 1, stage.num_steps + 1) if not stopped_early else ():
+      _profile(setup, step - 1)
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, metrics = step_fn(state, parallel.to_global(next(data_iter), setup.mesh))
+      log, last = {}, stage.num_steps
+      if _every(stage.log_every, step, last):
+        _check_finite(setup, state, ckpt)
+        log.update(_scalars(metrics, "train/"), **progress.report(step))
+        setup.task.on_log(step, log)
+      if (stage.select or stage.get("stop_when")) and _every(stage.eval_every, step, last):
+        t = time.monotonic()
+        _check_finite(setup, state, ckpt)
+        if stage.select or stage.get("stop_when", "").startswith("eval/validation/"):
+          val = evaluate_split(setup, _variables(state, "last"), "validation",
+                               during_training=True)
+          if stage.select:
+            state = jax.device_put(_track_best(setup, state, val), shardings)
+          log.update(_scalars(val, "eval/validation/"))
+        if stage.get("stop_when", "").startswith("eval/train/"):
+          log.update(_scalars(evaluate_split(setup, _variables(state, "last"), "train",
+                                             during_training=True), "eval/train/"))
+        progress.pause(time.monotonic() - t)
+        stopped_early = stage.patience > 0 and int(state.evals_since_best) >= stage.patience
+        if stage.get("stop_when") and _rule_holds(setup, log, step):
+          stopped_early = True
+      if log:
+        writer.write(step, log)
+      preempted = _preempted(step)
+      if _every(stage.checkpoint_every, step, last) or preempted or stopped_early:
+        _check_finite(setup, state, ckpt)
+        writer.flush()  # the events up to this checkpoint outlive a kill after it
+        ckpt.save(step, _checkpointed(state), data_iter)
+      if preempted:
+        ckpt.wait()
+        raise Preempted(f"[{name}] preempted; checkpoint saved at step {step}")
+      if stopped_early:
+        logging.info("[%s] early stop at step %d (best step %d)", name, step, int(state.best_step))
+        break
+    _profile(setup, -1)
+    ckpt.wait()
+    ckpt.close()
+  finally:
+    writer.close()
   return state
 
 
