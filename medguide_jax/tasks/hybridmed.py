@@ -16,8 +16,10 @@ dec, the alignment heads) and these stage tasks:
   joint_global_only  joint with l_cl = 0
   joint_concat       joint with findings and impression concatenated into one text for both
                      alignments (the MGCA-style data treatment HybridMED argues against)
-  probe              a linear classifier on the frozen image tower (the shared supervised
-                     task; labels: the dataset's label groups as binary tasks)
+  probe              a linear classifier on the frozen image tower: tasks/downstream.py's
+                     linear evaluation (the shared supervised task; labels: the dataset's
+                     label groups as binary tasks). configs/downstream.py runs every
+                     downstream task on any tower (part 3)
 
 The paper pins down neither the forms nor the weights (METHODS.md 3(a), 7.3): the defaults are
 METHODS.md's faithful forms, each configurable in the config's `hm` block. `predict` gives
