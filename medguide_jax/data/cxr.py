@@ -48,18 +48,26 @@ CXR_AUGMENT = multicrop.AugmentConfig(flip_p=0.0, rotate_degrees=10.0, jitter_p=
 CXR_CROP_SCALE = (0.8, 1.0)
 
 
-def features() -> tfds.features.FeaturesDict:
-  """TFDS features of a 'cxr_reports' record."""
+def labelled_image_features(**sections) -> tfds.features.FeaturesDict:
+  """TFDS features of a chest X-ray image record with labels and regions (bytes as
+  np.object_ tensors: no TensorFlow), plus `sections`: the 'cxr_reports' layout's texts, or
+  none for 'cxr_findings' (data/cxr_findings.py)."""
   text = lambda: tfds.features.Tensor(shape=(), dtype=np.object_)
   return tfds.features.FeaturesDict({
       "image": text(),
-      **{s: text() for s in SECTIONS},
+      **sections,
       "labels": tfds.features.Tensor(shape=(None,), dtype=np.float32),
       "region_labels": tfds.features.Tensor(shape=(None,), dtype=np.int64),
       "region_boxes": tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
       "region_masks": tfds.features.Tensor(shape=(None,), dtype=np.object_),
       "view": text(), "study": text(), "patient": text(), "id": text(),
   })
+
+
+def features() -> tfds.features.FeaturesDict:
+  """TFDS features of a 'cxr_reports' record."""
+  return labelled_image_features(
+      **{s: tfds.features.Tensor(shape=(), dtype=np.object_) for s in SECTIONS})
 
 
 def record(*, image: bytes, findings: str, impression: str, study: str, patient: str,

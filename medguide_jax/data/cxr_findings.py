@@ -59,6 +59,7 @@ from skimage import draw
 import tensorflow_datasets as tfds
 
 from medguide_jax.data import bags
+from medguide_jax.data import cxr
 from medguide_jax.data import images
 from medguide_jax.data import readers
 from medguide_jax.data import reports
@@ -81,16 +82,8 @@ class MissingFileError(FindingsFormatError, FileNotFoundError):
 
 
 def features() -> tfds.features.FeaturesDict:
-  """TFDS features of a 'cxr_findings' record (bytes as in `cxr.features`: no TensorFlow)."""
-  text = lambda: tfds.features.Tensor(shape=(), dtype=np.object_)
-  return tfds.features.FeaturesDict({
-      "image": text(),
-      "labels": tfds.features.Tensor(shape=(None,), dtype=np.float32),
-      "region_labels": tfds.features.Tensor(shape=(None,), dtype=np.int64),
-      "region_boxes": tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
-      "region_masks": tfds.features.Tensor(shape=(None,), dtype=np.object_),
-      "view": text(), "study": text(), "patient": text(), "id": text(),
-  })
+  """TFDS features of a 'cxr_findings' record: 'cxr_reports' without the report texts."""
+  return cxr.labelled_image_features()
 
 
 def record(*, image: bytes, labels: Sequence[float], study: str, patient: str, view: str,
