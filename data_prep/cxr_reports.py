@@ -93,6 +93,7 @@ import tensorflow_datasets as tfds
 
 from data_prep import image_folder
 from medguide_jax.data import bags
+from medguide_jax.data import builders
 from medguide_jax.data import cxr
 from medguide_jax.data import images
 from medguide_jax.data import readers
@@ -172,9 +173,6 @@ class MimicCxrConfig(MimicCxrTextConfig):
   max_side: int = 0
 
 
-_BASE_FIELDS = {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}
-
-
 def _iu_views(views) -> tuple[str, ...]:
   views = [views] if isinstance(views, str) else list(views)
   out = sorted({_choice("views", v, IU_VIEWS) for v in views})
@@ -222,23 +220,12 @@ def _name_part(key: str, value) -> str:
 
 
 def make_config(config_cls: type, views_fn=None, **given) -> CxrReportsConfig | None:
-  """The config of the options `given` (None: the default's); None when they are all the
-  default's (the builder's default config)."""
-  default = config_cls(name="default")
-  fields = [f.name for f in dataclasses.fields(config_cls) if f.name not in _BASE_FIELDS]
-  unknown = set(given) - set(fields)
-  if unknown:
-    raise TypeError(f"unknown options {sorted(unknown)}; {config_cls.__name__} has {fields}")
-  values = {k: getattr(default, k) if given.get(k) is None else given[k] for k in fields}
-  if "views" in values:
-    values["views"] = views_fn(values["views"])
-  values = _checked(values)
-  changed = [k for k in fields if values[k] != getattr(default, k)]
-  if not changed:
-    return None
-  name = "-".join(_name_part(k, values[k]) for k in changed)
-  description = ", ".join(f"{k}={values[k]}" for k in changed)
-  return config_cls(name=name, description=f"Options {description}.", **values)
+  """The config of the options `given` (builders.options_config; None: the default)."""
+  def canonical(values):
+    if "views" in values:
+      values["views"] = views_fn(values["views"])
+    return _checked(values)
+  return builders.options_config(config_cls, given, canonical=canonical, name_part=_name_part)
 
 
 class _CxrBuilder(cxr.ReportBuilder):

@@ -64,6 +64,33 @@ _REGISTRY = {
 }
 
 
+def options_config(config_cls: type, given: dict, *, canonical=None, name_part=None):
+  """The builder config of the options `given` (a None value: the default's), or None when
+  they are all the default's (the builder's default config). Any other value makes another
+  config, named for the options changed (its own folder: two settings never share files).
+
+  config_cls: a tfds BuilderConfig dataclass whose extra fields are the options.
+  canonical: values -> values validated and in canonical form (an error names the option).
+  name_part: (option, value) -> that option's part of the config name ('side256').
+  """
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  base = {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}
+  default = config_cls(name="default")
+  fields = [f.name for f in dataclasses.fields(config_cls) if f.name not in base]
+  unknown = set(given) - set(fields)
+  if unknown:
+    raise TypeError(f"unknown options {sorted(unknown)}; {config_cls.__name__} has {fields}")
+  values = {k: getattr(default, k) if given.get(k) is None else given[k] for k in fields}
+  values = canonical(values) if canonical else values
+  changed = [k for k in fields if values[k] != getattr(default, k)]
+  if not changed:
+    return None
+  name_part = name_part or (lambda k, v: f"{k}_{v}")
+  name = "-".join(name_part(k, values[k]) for k in changed)
+  description = ", ".join(f"{k}={values[k]}" for k in changed)
+  return config_cls(name=name, description=f"Options {description}.", **values)
+
+
 class _Registry(dict):
   """DATASETS[name] imports the builder class on first access."""
 

@@ -59,6 +59,7 @@ from skimage import draw
 import tensorflow_datasets as tfds
 
 from medguide_jax.data import bags
+from medguide_jax.data import builders
 from medguide_jax.data import cxr
 from medguide_jax.data import images
 from medguide_jax.data import readers
@@ -389,9 +390,6 @@ def choice(option: str, value, choices: Sequence[str]) -> str:
   return value
 
 
-_BASE_FIELDS = {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}
-
-
 def _name_part(key: str, value) -> str:
   if key == "max_side":
     return "native" if value == 0 else f"side{value}"
@@ -401,22 +399,9 @@ def _name_part(key: str, value) -> str:
 
 
 def make_config(config_cls: type, **given) -> FindingsConfig | None:
-  """The config of the options `given` (None: the default's value); None when they are all
-  the default's (the builder's default config). Another value makes another config, named
-  for the options changed (its own folder: two settings never share files)."""
-  default = config_cls(name="default")
-  fields = [f.name for f in dataclasses.fields(config_cls) if f.name not in _BASE_FIELDS]
-  unknown = set(given) - set(fields)
-  if unknown:
-    raise TypeError(f"unknown options {sorted(unknown)}; {config_cls.__name__} has {fields}")
-  values = {k: getattr(default, k) if given.get(k) is None else given[k] for k in fields}
-  values = config_cls.canonical(values)
-  changed = [k for k in fields if values[k] != getattr(default, k)]
-  if not changed:
-    return None
-  name = "-".join(_name_part(k, values[k]) for k in changed)
-  description = ", ".join(f"{k}={values[k]}" for k in changed)
-  return config_cls(name=name, description=f"Options {description}.", **values)
+  """The config of the options `given` (builders.options_config; None: the default)."""
+  return builders.options_config(config_cls, given, canonical=config_cls.canonical,
+                                 name_part=_name_part)
 
 
 # ---------------------------------------------------------------------------------------------
