@@ -21,7 +21,6 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from medguide_jax.models import detection, heads, resnet, unet
 
