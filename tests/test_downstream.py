@@ -173,7 +173,12 @@ def test_an_encoder_of_another_architecture_is_exit_2_naming_both(random_run, tm
 
 
 def test_vqa_runs_on_the_synthetic_questions(tmp_path):
-  helpers.run_main(tmp_path / "w", _args(("vqa",)), config_file="configs/downstream.py",
+  small = ["--config.model.text.hidden=32", "--config.model.text.layers=1",
+           "--config.model.text.heads=2", "--config.model.text.mlp=64",
+           "--config.model.fusion.hidden=32", "--config.model.fusion.layers=1",
+           "--config.model.fusion.heads=2"]
+  helpers.run_main(tmp_path / "w", _args(("vqa",), steps=2) + small,
+                   config_file="configs/downstream.py",
                    config_arg="smoke,dataset=synthetic_cxr_vqa:tiny,stages=vqa")
   row = json.loads((tmp_path / "w" / "results.json").read_text())["table"][0]
   for key in ("accuracy", "closed/accuracy", "open/accuracy", "open/out_of_vocabulary"):
