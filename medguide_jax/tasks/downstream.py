@@ -35,6 +35,7 @@ import io
 import json
 import re
 import warnings
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -205,7 +206,23 @@ def _mask(png: bytes, shape: tuple[int, int], size: int, what: str) -> np.ndarra
   return m >= 128
 
 
-class SegmentTask(base.Task):
+class _HeadTask(base.Task):
+  """What segment, detect and vqa share: init and the training-mode forward of `self.model`
+  (a 'dropout' stream for the networks that use one)."""
+  model: Any
+
+  def init(self, rng, batch):
+    return dict(self.model.init({"params": rng, "dropout": rng}, batch, train=False))
+
+  def forward(self, params, state, batch, rng):
+    """The model in training mode -> (outputs, the state with its updated collections)."""
+    out, model_state = base.apply_mutable(
+        self.model, {"params": params, **state.model_state}, list(state.model_state), batch,
+        train=True, rngs={"dropout": rng})
+    return out, state.replace(model_state=model_state)
+
+
+class SegmentTask(_HeadTask):
   """segment (module docstring): Dice + BCE; Dice per image and class from on-device sums."""
 
   def __init__(self, ctx: base.TaskContext):
@@ -226,16 +243,11 @@ class SegmentTask(base.Task):
       masks[..., c] |= _mask(png, shape, size, f"record {_record_id(record)}")
     return {"image": _image(record, rng, self.config, augment=False), "masks": masks}
 
-  def init(self, rng, batch):
-    return dict(self.model.init({"params": rng}, batch, train=False))
-
   def loss(self, params, state, batch, rng):
-    del rng
-    out, model_state = base.apply_mutable(self.model, {"params": params, **state.model_state},
-                                          list(state.model_state), batch, train=True)
+    out, state = self.forward(params, state, batch, rng)
     loss, metrics = seg_loss.segmentation_loss(out["logits"], batch["masks"],
                                                batch["mask"].astype(jnp.float32))
-    return loss, (metrics, state.replace(model_state=model_state))
+    return loss, (metrics, state)
 
   def predict(self, variables, batch):
     logits = self.model.apply(variables, batch, train=False)["logits"]
@@ -277,7 +289,7 @@ class SegmentTask(base.Task):
 
 
 # ----------------------------------------------------------------------------- detection
-class DetectTask(base.Task):
+class DetectTask(_HeadTask):
   """detect (module docstring): CenterNet on the tower's coarsest map; COCO AP."""
 
   def __init__(self, ctx: base.TaskContext):
@@ -324,16 +336,11 @@ class DetectTask(base.Task):
   def _targets(self, batch):
     return {k.partition("/")[2]: v for k, v in batch.items() if k.startswith("target/")}
 
-  def init(self, rng, batch):
-    return dict(self.model.init({"params": rng}, batch, train=False))
-
   def loss(self, params, state, batch, rng):
-    del rng
-    out, model_state = base.apply_mutable(self.model, {"params": params, **state.model_state},
-                                          list(state.model_state), batch, train=True)
+    out, state = self.forward(params, state, batch, rng)
     loss, metrics = det_loss.centernet_loss(out, self._targets(batch),
                                             weights=batch["mask"].astype(jnp.float32))
-    return loss, (metrics, state.replace(model_state=model_state))
+    return loss, (metrics, state)
 
   def predict(self, variables, batch):
     out = self.model.apply(variables, batch, train=False)
@@ -361,7 +368,7 @@ class DetectTask(base.Task):
 
 
 # ----------------------------------------------------------------------------- VQA
-class VqaTask(base.Task):
+class VqaTask(_HeadTask):
   """vqa (module docstring): answer classification over the training answers."""
 
   def __init__(self, ctx: base.TaskContext):
@@ -390,18 +397,12 @@ class VqaTask(base.Task):
                                 question_len=self.tok.max_len,
                                 channels=self.config.data.get("channels", 1))
 
-  def init(self, rng, batch):
-    return dict(self.model.init({"params": rng, "dropout": rng}, batch, train=False))
-
   def loss(self, params, state, batch, rng):
-    out, model_state = base.apply_mutable(
-        self.model, {"params": params, **state.model_state}, list(state.model_state), batch,
-        train=True, rngs={"dropout": rng})
+    out, state = self.forward(params, state, batch, rng)
     weights = batch["mask"].astype(jnp.float32) * (batch["answer"] >= 0)
     loss, m = classification.softmax_cross_entropy(
         logits=out["logits"], labels=jnp.maximum(batch["answer"], 0), weights=weights)
-    return loss, ({"ce": loss, "accuracy": m["accuracy"]},
-                  state.replace(model_state=model_state))
+    return loss, ({"ce": loss, "accuracy": m["accuracy"]}, state)
 
   def predict(self, variables, batch):
     logits = self.model.apply(variables, batch, train=False)["logits"]
