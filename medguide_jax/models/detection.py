@@ -116,9 +116,10 @@ def _draw_gaussian(heatmap: np.ndarray, cx: int, cy: int, radius: int) -> None:
   np.maximum(window, g[radius - top:radius + bottom, radius - left:radius + right], out=window)
 
 
-def _clean_boxes(boxes: np.ndarray, labels: np.ndarray, image_size: Sequence[int],
+def clean_boxes(boxes: np.ndarray, labels: np.ndarray, image_size: Sequence[int],
                  num_classes: int) -> tuple[np.ndarray, np.ndarray, int, int]:
-  """Boxes clipped to the image and empty ones removed: (boxes, labels, clipped, empty)."""
+  """Boxes clipped to the image and empty ones removed: (boxes, labels, clipped, empty).
+  The targets' and the evaluation's ground truth (tasks/downstream.py) are both this."""
   boxes = np.asarray(boxes, np.float64).reshape(-1, 4) if np.size(boxes) else np.zeros((0, 4))
   labels = np.asarray(labels).reshape(-1)
   if labels.shape[0] != boxes.shape[0]:
@@ -160,7 +161,7 @@ def encode_targets(boxes: np.ndarray, labels: np.ndarray, *, image_size: Sequenc
      float32, 'mask': [M] bool (valid rows), 'clipped', 'empty', 'dropped': int32 counts}.
   """
   h, w = feature_size(image_size, stride)
-  boxes, labels, clipped, empty = _clean_boxes(boxes, labels, image_size, num_classes)
+  boxes, labels, clipped, empty = clean_boxes(boxes, labels, image_size, num_classes)
   dropped = max(0, boxes.shape[0] - max_objects)
   boxes, labels = boxes[:max_objects], labels[:max_objects]
   heatmap = np.zeros((num_classes, h, w), np.float32)

@@ -170,19 +170,18 @@ class ClassifyTask(supervised.SupervisedTask):
     self.multi_label = findings and not self.one_hot
     if self.multi_label:
       names, self._targets = group_targets(meta, ctx.config.downstream.uncertain)
-      net = nets.Classifier(m.encoder, dict(m.encoder_kwargs), frozen(ctx.stage),
-                            num_classes=(2,) * len(names))
-      super().__init__(ctx, model=net, num_classes=(2,) * len(names), task_names=names,
-                       headline="mean/auc", columns=("mean/auc", "mean/balanced_accuracy"))
+      num_classes, kw = (2,) * len(names), dict(
+          task_names=names, headline="mean/auc", columns=("mean/auc", "mean/balanced_accuracy"))
     else:
       classes = list(meta.get("class_names") or [])
       if len(classes) < 2:
         raise ValueError(f"dataset {ctx.config.data.name!r} has {len(classes)} class names: "
                          "a classifier needs two or more")
-      net = nets.Classifier(m.encoder, dict(m.encoder_kwargs), frozen(ctx.stage),
-                            num_classes=(len(classes),), single=True)
-      super().__init__(ctx, model=net, num_classes=(len(classes),), headline="auc",
-                       columns=("auc", "accuracy", "balanced_accuracy"))
+      num_classes, kw = (len(classes),), dict(
+          headline="auc", columns=("auc", "accuracy", "balanced_accuracy"))
+    net = nets.Classifier(m.encoder, dict(m.encoder_kwargs), frozen(ctx.stage),
+                          num_classes=num_classes, single=not self.multi_label)
+    super().__init__(ctx, model=net, num_classes=num_classes, **kw)
 
   def example_fn(self, record, rng, *, augment):
     out = {"image": _image(record, rng, self.config, augment=augment)}
@@ -321,12 +320,11 @@ class DetectTask(_HeadTask):
     if len(boxes) > GT_CAPACITY:
       raise ValueError(f"record {_record_id(record)}: {len(boxes)} boxes, more than the "
                        f"{GT_CAPACITY} the evaluation holds per image")
-    clipped = np.clip(boxes, 0, size)
-    real = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    kept, kept_labels, _, _ = detection.clean_boxes(boxes, labels, (size, size),
+                                                    len(self.classes))
     gt_boxes = np.zeros((GT_CAPACITY, 4), np.float32)
     gt_labels = np.full((GT_CAPACITY,), -1, np.int32)
-    k = int(real.sum())
-    gt_boxes[:k], gt_labels[:k] = clipped[real], labels[real]
+    gt_boxes[:len(kept)], gt_labels[:len(kept)] = kept, kept_labels
     out = {f"target/{k_}": np.asarray(v) for k_, v in targets.items()
            if k_ not in ("clipped", "empty", "dropped")}
     out.update(image=_image(record, rng, self.config, augment=False), gt_boxes=gt_boxes,
@@ -359,9 +357,8 @@ class DetectTask(_HeadTask):
       preds.append(keep)
       real = outputs["gt_labels"][i] >= 0
       gts.append((outputs["gt_boxes"][i][real], outputs["gt_labels"][i][real]))
-    result = det_eval.map_with_interval(gts, preds, iou_thresholds=IOU_THRESHOLDS[
+    return det_eval.map_with_interval(gts, preds, iou_thresholds=IOU_THRESHOLDS[
         d.iou_thresholds], class_names=self.classes, bootstrap=bootstrap, seed=seed)
-    return result
 
   def metric_keys(self):
     return ({"map", "map50", "images", "objects"} | {f"map/{c}" for c in self.classes})
