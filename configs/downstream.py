@@ -35,7 +35,9 @@ pneumoniamnist linear AUC 0.746 / 0.821 / 0.809 (hybridmed), 0.518 / 0.786 / 0.7
 0.29-0.30 (random); fine-tuned 0.90 / 0.94 / 0.94 for all three. synthetic_cxr_vqa: 0.50-0.51
 accuracy for every source (the question-only baseline: 300 steps do not train the fusion).
 A synthetic_cxr run takes 7-10 minutes on a busy 2-core machine, a PneumoniaMNIST run
-2.5-4, a VQA run 3.5-4 (under the 20-minute budget); smoke (every stage, 40 steps) 1-2.
+2.5-4, a VQA run 3.5-4 (under the 20-minute budget). Smoke (:smoke, every stage, 40 steps,
+random init; measured 2026-12-02): 2m41s on 2 idle cores, a run check, not a result (mean
+AUC 0.49-0.56, Dice 0.05, AP 0.015).
 
 Datasets: synthetic_cxr (labels: the 5 label groups; classes of the dense tasks: opacity,
 effusion, pneumothorax), synthetic_cxr_vqa, pneumoniamnist (build: python -m data_prep.build
