@@ -1,9 +1,16 @@
-"""metrics.jsonl, TensorBoard events and the progress line; process 0 alone writes."""
+"""metrics.jsonl, TensorBoard events and the progress line; process 0 alone writes.
+
+A failed output write raises OutputWriteError naming the file (the CLI's exit 1); a path
+that holds something other than a regular file is OutputPathError (exit 2). TensorBoard
+events are written in the caller's thread (see _EventFile), so a write error surfaces at
+the call and flush() puts every logged event on disk.
+"""
 from __future__ import annotations
 
 import json
 import math
 import os
+import socket
 import stat
 import time
 
@@ -72,6 +79,96 @@ def _jsonable(x):
   raise TypeError(f"not JSON-serialisable: {type(x)}")
 
 
+class _EventFile:
+  """One TensorBoard event file (events.out.tfevents.<seconds>.<host>), written in the
+  caller's thread with tensorboardX's record format (TFRecord framing and CRCs) and protos.
+
+  Not tensorboardX's SummaryWriter: that hands every event to a worker thread through a
+  bounded queue (10 events). When the thread dies on a write error (a full disk, a lost
+  mount), nothing drains the queue: once 10 more events wait in it, the next add_scalar
+  blocks forever instead of failing. And its flush() flushes only what the thread has
+  written so far, not the events still queued. Here a write error raises at the call (OutputWriteError naming the logdir),
+  flush() writes and fsyncs every event logged, and nothing outlives close() (no thread,
+  no queue, no atexit hook).
+  """
+
+  FLUSH_S = 30.0  # events reach the disk at least this often while a run logs
+
+  def __init__(self, logdir: str, *, purge_step: int | None = None):
+    from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+    from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+    self._event_pb2, self.logdir, self._file = event_pb2, logdir, None
+    try:
+      record_writer.directory_check(logdir)
+      name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
+      self._file = record_writer.RecordWriter(os.path.join(logdir, name))
+      self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+      if purge_step is not None:
+        # As SummaryWriter(purge_step=) writes them: TensorBoard then drops the events of
+        # earlier files at steps >= purge_step (those a killed run logged past its last
+        # checkpoint, which the resumed run logs again).
+        self._write(event_pb2.Event(wall_time=time.time(), step=purge_step,
+                                    file_version="brain.Event:2"))
+        self._write(event_pb2.Event(
+            wall_time=time.time(), step=purge_step,
+            session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+    except OSError as e:
+      raise self._fail(e) from e
+    self._flushed = time.monotonic()
+
+  def _fail(self, e: OSError) -> OutputWriteError:
+    """Releases the file (nothing more goes into it: later calls are no-ops, the error is
+    reported once) and returns the error naming the logdir."""
+    f, self._file = self._file, None
+    if f is not None:
+      try:
+        f.close()  # releases the descriptor even when the buffered bytes cannot be written
+      except Exception:  # pylint: disable=broad-except
+        pass
+    return OutputWriteError(f"cannot write TensorBoard events in {self.logdir}: "
+                            f"{e.strerror or e}")
+
+  def _write(self, event) -> None:
+    self._file.write(event.SerializeToString())
+
+  def add_scalars(self, step: int, scalars: dict[str, float]) -> None:
+    """One event holding every scalar of `step` (tags cleaned as tensorboardX does)."""
+    from tensorboardX import summary  # pylint: disable=g-import-not-at-top
+    from tensorboardX.proto import summary_pb2  # pylint: disable=g-import-not-at-top
+    if not scalars or self._file is None:
+      return
+    values = [summary.scalar(tag, value).value[0] for tag, value in scalars.items()]
+    try:
+      self._write(self._event_pb2.Event(wall_time=time.time(), step=int(step),
+                                        summary=summary_pb2.Summary(value=values)))
+    except OSError as e:
+      raise self._fail(e) from e
+    if time.monotonic() - self._flushed > self.FLUSH_S:
+      self.flush()
+
+  def flush(self) -> None:
+    """Writes and fsyncs every event added so far."""
+    if self._file is None:
+      return
+    try:
+      self._file.flush()
+    except OSError as e:
+      raise self._fail(e) from e
+    self._flushed = time.monotonic()
+
+  def close(self) -> None:
+    """Flushes and closes the file; idempotent."""
+    if self._file is None:
+      return
+    self.flush()
+    f, self._file = self._file, None
+    try:
+      f.close()
+    except OSError as e:
+      self._file = f
+      raise self._fail(e) from e
+
+
 class MetricWriter:
   """Appends one JSON object per logged step to metrics.jsonl and mirrors it to TensorBoard."""
 
@@ -81,12 +178,10 @@ class MetricWriter:
     if not is_writer():
       return
     self._truncate_after(resume_step)
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     # After a resume, a purge step tells TensorBoard to drop the earlier files' events past
     # the restored step (a killed run logged them, the resumed one logs them again), so the
     # event files read as one uninterrupted run, like metrics.jsonl.
-    self._tb = SummaryWriter(str(workdir), flush_secs=30,
-                             purge_step=resume_step + 1 if resume_step else None)
+    self._tb = _EventFile(str(workdir), purge_step=resume_step + 1 if resume_step else None)
 
   def _truncate_after(self, step: int) -> None:
     """After a resume, lines past the restored step are dropped: the file reads as one run."""
@@ -101,17 +196,19 @@ class MetricWriter:
     if not is_writer():
       return
     record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-    with self.path.open("a") as f:
-      f.write(json.dumps(record) + "\n")
-    for k, v in record.items():
-      # An undefined metric (e.g. Dice with no masked image) is NaN in metrics.jsonl; in
-      # TensorBoard it is left out rather than warned about at every evaluation. (A
-      # non-finite loss stops training in the trainer's guard, not here.)
-      if k != "step" and math.isfinite(v):
-        self._tb.add_scalar(k, v, step)
+    try:
+      with self.path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    except OSError as e:
+      raise OutputWriteError(f"cannot write {self.path}: {e.strerror or e}") from e
+    # An undefined metric (e.g. Dice with no masked image) is NaN in metrics.jsonl; in
+    # TensorBoard it is left out rather than warned about at every evaluation. (A
+    # non-finite loss stops training in the trainer's guard, not here.)
+    self._tb.add_scalars(step, {k: v for k, v in record.items()
+                                if k != "step" and math.isfinite(v)})
 
   def flush(self) -> None:
-    """Puts the buffered TensorBoard events on disk. The trainer flushes before every
+    """Puts every TensorBoard event logged so far on disk. The trainer flushes before every
     checkpoint: a run killed after a checkpoint then has every event up to its step on
     disk, and the resumed run's purge step drops only the later ones."""
     if self._tb is not None:

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -156,6 +157,73 @@ def test_resumed_tensorboard_logs_read_as_one_run(tmp_path):
       range(1, 8))
 
 
+class _FillableFile:
+  """An event file on a disk the test fills: once `full`, every write and flush fails."""
+
+  def __init__(self, path):
+    self.real, self.full = open(path, "wb"), False  # pylint: disable=consider-using-with
+
+  def _check(self):
+    if self.full:
+      raise OSError(errno.ENOSPC, "No space left on device")
+
+  def write(self, data):
+    self._check()
+    return self.real.write(data)
+
+  def flush(self):
+    self._check()
+    self.real.flush()
+
+  def close(self):
+    self.real.close()
+
+
+def test_a_failed_event_write_is_an_error_at_the_call_not_a_stall(tmp_path, monkeypatch):
+  """tensorboardX's SummaryWriter loses its writer thread here and, 10 events later, blocks
+  add_scalar forever on the thread's full queue; the events are written in the caller."""
+  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+  files = []
+  monkeypatch.setattr(record_writer, "open_file",
+                      lambda path: files.append(_FillableFile(path)) or files[-1])
+  first, second = tmp_path / "first", tmp_path / "second"
+  first.mkdir()
+  second.mkdir()
+  writer = metric_writers.MetricWriter(first)
+  writer.write(1, {"train/loss": 1.0})
+  files[-1].full = True
+  raised = []
+
+  def log_on_a_full_disk():
+    try:
+      for step in range(2, 20):
+        writer.write(step, {"train/loss": float(step)})
+    except metric_writers.OutputWriteError as e:
+      raised.append((step, str(e)))
+
+  logger = threading.Thread(target=log_on_a_full_disk, daemon=True)
+  logger.start()
+  logger.join(helpers.HANG_GUARD_S)
+  assert not logger.is_alive(), "a write on a full disk blocked"
+  assert raised == [(2, f"cannot write TensorBoard events in {first}: No space left on device")]
+  assert files[-1].real.closed  # the descriptor is released at the failure
+  for step in range(20, 40):  # later calls neither raise again nor block
+    writer.write(step, {"train/loss": float(step)})
+  writer.flush()
+  writer.close()
+  # The next writer in the same process (a notebook's next run) is unaffected.
+  writer = metric_writers.MetricWriter(second)
+  for step in range(1, 31):
+    writer.write(step, {"train/loss": float(step), "eval/auc": float("nan")})
+  writer.flush()
+  assert _event_steps(second, "train/loss") == list(range(1, 31))  # flushed: all on disk
+  with pytest.raises(KeyError):  # a NaN metric stays out of TensorBoard
+    _event_steps(second, "eval/auc")
+  writer.close()
+  writer.close()  # idempotent
+  assert files[-1].real.closed
+
+
 # --------------------------------------------------------------------------- disk and paths
 def test_an_impossible_workdir_is_exit_2_naming_it(tmp_path, capsys):
   (tmp_path / "file").write_text("")
@@ -172,7 +240,10 @@ def test_a_full_disk_is_one_line_exit_1_and_the_next_start_cleans_up(tmp_path, c
   def full(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
   workdir = tmp_path / "w"
-  args = ["main", "--config=configs/guidance.py:dataset=synthetic,smoke",
+  # Only the stage whose checkpoint fails: the smoke config's other stages (five more of
+  # 300 steps each, which helpers.overrides does not shrink) would add minutes to the
+  # second start and nothing to what it shows.
+  args = ["main", "--config=configs/guidance.py:dataset=synthetic,smoke,stages=inferior",
           f"--workdir={workdir}", *helpers.overrides(steps=4)]
   with monkeypatch.context() as m:
     m.setattr(ocp.CheckpointManager, "save", full)
