@@ -61,6 +61,9 @@ def stage(task: str, *, num_steps: int, batch_size: int, opt: ml_collections.Con
     select: '' evaluates the last parameters; 'min:<metric>' / 'max:<metric>' keeps the
       best on the validation split (early stopping), e.g. 'min:val/loss'.
     patience: evaluations without improvement before stopping (0 = never stop early).
+    select_after: a warm-up of `select`, in steps: evaluations before this step are run and
+      logged but are no candidates for the best and do not count for patience (0 = every
+      evaluation counts). Must be < num_steps; needs select.
     stop_when: '<metric><op><value>' stops training at the first evaluation where it holds,
       e.g. 'eval/train/bag/auc>0.98' (BALNMP: once the training AUC passes 0.98);
       eval/train/... evaluates the training split (eval mode) at each evaluation, and
@@ -89,7 +92,8 @@ def stage(task: str, *, num_steps: int, batch_size: int, opt: ml_collections.Con
   """
   block = dict(task=task, num_steps=num_steps, num_epochs=0.0, batch_size=batch_size, opt=opt,
                eval_batch_size=128, log_every=-1, eval_every=-1, checkpoint_every=-1,
-               keep_checkpoints=2, select="", patience=0, stop_when="", init_from="", init_params="",
+               keep_checkpoints=2, select="", patience=0, select_after=0, stop_when="",
+               init_from="", init_params="",
                freeze="", bootstrap=1000, train_examples=0, train_fraction=0.0,
                train_stratify="", evals={}, teacher_from="",
                teacher_params="")

@@ -16,7 +16,9 @@ Printed as Markdown:
 
 * per model and table metric: mean ± sd [95% t-interval of the mean] (n runs). Runs of
   different experiments are accepted: models and metrics are the union, n is per cell;
-* per seed, the headline metric (the first table column);
+* per seed, the headline metric (the first table column, or the first of --metrics), with
+  that run's own 95% interval where its table has one (its bootstrap over test cases; for a
+  `paired/<stage>/<metric>` of evaluation/paired.py, the paired bootstrap);
 * with --pairs, paired differences a - b per metric, matched by workdir (so by seed): mean ±
   sd [95% t-interval] and how many seeds have a > b. A pair is `a:b`; `a-b` is accepted too,
   since stage names hold no '-'.
@@ -270,6 +272,12 @@ def make_report(workdirs: Sequence[str], pairs: Sequence[str] = (),
       "summary": {m: {k: cell(collected, m, k) for k in collected["metrics"]}
                   for m in collected["models"]},
       "pairs": [paired(collected, a, b) for a, b in pair_list],
+      # Each run's own 95% interval of the headline (its bootstrap over test cases; for a
+      # paired/<stage>/... metric, the paired bootstrap), where its table has one.
+      "headline_ci95": {m: {r["workdir"]: r["ci95"][m][collected["headline"]]
+                            for r in collected["runs"]
+                            if collected["headline"] in r["ci95"].get(m, {})}
+                        for m in collected["models"]},
   }
 
 
@@ -418,12 +426,15 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def _per_seed_rows(report: dict) -> list[list[str]]:
-  """Headline value per model and run, in the order of --workdirs."""
+  """Headline value per model and run, in the order of --workdirs, with the run's own 95%
+  interval where its table has one."""
   h, rows = report["headline"], []
   for model in report["models"]:
     by_dir = {e["workdir"]: e["value"] for e in report["summary"][model][h]["values"]}
-    rows.append([model] + ["-" if by_dir.get(r["workdir"]) is None else
-                           f"{by_dir[r['workdir']]:.3f}" for r in report["runs"]])
+    cis = report.get("headline_ci95", {}).get(model, {})
+    cell = lambda w: "-" if by_dir.get(w) is None else f"{by_dir[w]:.3f}" + (
+        f" [{cis[w][0]:.3f}, {cis[w][1]:.3f}]" if w in cis else "")
+    rows.append([model] + [cell(r["workdir"]) for r in report["runs"]])
   return rows
 
 

@@ -29,7 +29,8 @@ from jax.experimental import multihost_utils
 from medguide_jax import (checkpointing, metric_writers, optim, param_sources, parallel, paths,
                           run_info, stage_records, tasks, workdir_lock)
 from medguide_jax.data import builders, mixture, pipeline, sources
-from medguide_jax.validation import STOP_WHEN, ConfigError, check_config, source_names
+from medguide_jax.validation import (STOP_WHEN, ConfigError, check_config, check_select_after,
+                                     source_names)
 from medguide_jax.evaluation import evaluators as evaluators_lib
 
 EXIT_PREEMPTED = 75
@@ -250,6 +251,7 @@ class StageSetup:
     # Updates per pass over the training split: the unit of num_epochs and of the schedule.
     epoch = -(-len(self.sources["train"]) // stage.batch_size)
     self.stage = stage = resolve_stage(stage, epoch)
+    check_select_after(f"stages.{name}", stage)  # against num_steps as num_epochs made it
     try:  # schedule errors surface now, before any stage has written anything
       self.schedule = optim.make_schedule(stage.opt, stage.num_steps, epoch)  # the stage's one
     except ValueError as e:
@@ -567,8 +569,8 @@ def train_stage(setup: StageSetup, workdir: epath.Path) -> TrainState:
                optim.count_params(state.params), first, stage.num_steps)
   stopped_early = (stage.patience > 0 and int(state.evals_since_best) >= stage.patience
                    or _stopped_by_rule(setup, first))
-  # The writer's TensorBoard thread is closed on every way out (an error, a preemption):
-  # left open, a later run in the same process (a notebook, the tests) stalls on its queue.
+  # The writer's event file is closed on every way out (an error, a preemption), so a later
+  # run in the same process (a notebook, the tests) inherits no open file.
   try:
     for step in range(first + 1, stage.num_steps + 1) if not stopped_early else ():
       _profile(setup, step - 1)
@@ -585,16 +587,18 @@ def train_stage(setup: StageSetup, workdir: epath.Path) -> TrainState:
         if stage.select or stage.get("stop_when", "").startswith("eval/validation/"):
           val = evaluate_split(setup, _variables(state, "last"), "validation",
                                during_training=True)
-          if stage.select:
-            state = jax.device_put(_track_best(setup, state, val), shardings)
           log.update(_scalars(val, "eval/validation/"))
         if stage.get("stop_when", "").startswith("eval/train/"):
           log.update(_scalars(evaluate_split(setup, _variables(state, "last"), "train",
                                              during_training=True), "eval/train/"))
         progress.pause(time.monotonic() - t)
-        stopped_early = stage.patience > 0 and int(state.evals_since_best) >= stage.patience
-        if stage.get("stop_when") and _rule_holds(setup, log, step):
-          stopped_early = True
+        ruled = bool(stage.get("stop_when")) and _rule_holds(setup, log, step)
+        # Evaluations before select_after are logged but are no candidates and do not count
+        # for patience (the last one is, if stop_when ends the stage before select_after).
+        if stage.select and (step >= stage.get("select_after", 0) or ruled):
+          state = jax.device_put(_track_best(setup, state, val), shardings)
+        stopped_early = ruled or (stage.patience > 0
+                                  and int(state.evals_since_best) >= stage.patience)
       if log:
         writer.write(step, log)
       preempted = _preempted(step)
@@ -705,13 +709,18 @@ def _check_state(setup: StageSetup) -> int:
 
 
 def _dependencies(config, name: str) -> set[str]:
+  """The stages `name` inits from, distils from, or compares against (an evaluator's
+  `against`, e.g. evaluation/paired.py's)."""
   stage = config.stages[name]
-  return set(source_names(f"{stage.init_from},{stage.get('teacher_from', '')}")) & set(
-      config.stages)
+  compared = {str(e.get("against", "")) for e in (stage.get("evals") or {}).values()
+              if hasattr(e, "get")}
+  return (set(source_names(f"{stage.init_from},{stage.get('teacher_from', '')}")) | compared) \
+      & set(config.stages)
 
 
 def stage_order(config) -> list[str]:
-  """Stages in dependency order (a stage runs after those it inits from); ties by name.
+  """Stages in dependency order (a stage runs after those it inits from or compares
+  against); ties by name.
 
   ml_collections sorts a ConfigDict's keys, so the order cannot come from the config file.
   """

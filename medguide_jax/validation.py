@@ -77,6 +77,7 @@ _STAGE_RANGES = {
     "log_every": dict(lo=-1, integer=True), "eval_every": dict(lo=-1, integer=True),
     "checkpoint_every": dict(lo=-1, integer=True),
     "keep_checkpoints": dict(lo=1, integer=True), "patience": dict(lo=0, integer=True),
+    "select_after": dict(lo=0, integer=True),
     "bootstrap": dict(lo=0, integer=True), "train_examples": dict(lo=0, integer=True),
     "train_fraction": dict(lo=0, hi=1),
     "opt.lr": dict(lo=0), "opt.momentum": dict(lo=0, hi=1), "opt.b1": dict(lo=0, hi=1,
@@ -102,6 +103,21 @@ def _check_references(name: str, key: str, spec: str, stages) -> None:
                         f"(stages: {sorted(stages)}) and not a path (a path holds '/')")
 
 
+def check_select_after(prefix: str, stage) -> None:
+  """select_after > 0 needs `select` and must be < num_steps (the trainer checks again once
+  num_epochs has set num_steps)."""
+  after = stage.get("select_after", 0)
+  if not after:
+    return
+  if not stage.select:
+    raise ConfigError(f"{prefix}.select_after={after}: has no effect without select (set "
+                      f"{prefix}.select, e.g. 'min:val/loss', or select_after=0)")
+  if after >= stage.num_steps:
+    raise ConfigError(f"{prefix}.select_after={after}: must be < num_steps={stage.num_steps} "
+                      "(evaluations from step select_after on are the candidates for the "
+                      "best; the last step is always evaluated)")
+
+
 def _check_stage(name: str, stage: ml_collections.ConfigDict, stages) -> None:
   flat = flat_config(stage.to_dict())
   prefix = f"stages.{name}"
@@ -118,6 +134,8 @@ def _check_stage(name: str, stage: ml_collections.ConfigDict, stages) -> None:
     raise ConfigError(f"{prefix}.stop_when={stage.stop_when!r}: expected '<metric><op><value>'"
                       " with op one of > >= < <= and a metric under eval/train/, "
                       "eval/validation/ or train/, e.g. 'eval/train/bag/auc>0.98'")
+  if not stage.get("num_epochs", 0) > 0:  # else num_steps is known at run time only
+    check_select_after(prefix, stage)
   if stage.opt.warmup_steps > stage.num_steps and not stage.get("num_epochs", 0) > 0:
     raise ConfigError(f"{prefix}.opt.warmup_steps={stage.opt.warmup_steps}: must be <= "
                       f"num_steps={stage.num_steps}")

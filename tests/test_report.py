@@ -111,7 +111,9 @@ def test_markdown_has_the_expected_rows(workdirs):
   assert f"{v.mean():.3f} ± {v.std(ddof=1):.3f} [{lo:.3f}, {hi:.3f}] (n=3)" in text
   assert "| model | balanced_accuracy | auc |" in text
   assert "| model | seed 0 | seed 1 | seed 2 |" in text
-  assert "| finetune | 0.810 | 0.780 | 0.740 |" in text
+  # Per seed: the value and that run's own interval (results.json's <metric>_ci95).
+  assert "| finetune | 0.810 [0.760, 0.860] | 0.780 [0.730, 0.830] | 0.740 [0.690, 0.790] |" \
+      in text
   d = v - _column("scratch", "balanced_accuracy")
   lo, hi = _t_interval(d)
   assert (f"| finetune - scratch | {d.mean():+.3f} ± {d.std(ddof=1):.3f} "
@@ -200,16 +202,29 @@ def test_different_experiments_take_the_union_with_n_per_cell(workdirs, tmp_path
   assert "auc" not in r["pairs"][0]["metrics"]
   assert "different models" in capsys.readouterr().err
   text = report.markdown(r)
-  assert "| probe | 0.600 (n=1) | - |" in text and "| probe | - | - | - | 0.600 |" in text
+  assert "| probe | 0.600 (n=1) | - |" in text
+  assert "| probe | - | - | - | 0.600 [0.550, 0.650] |" in text
 
 
 def test_metrics_keeps_those_columns_in_order_the_first_the_headline(workdirs, capsys):
   assert report.main(["report", f"--workdirs={','.join(workdirs)}", "--metrics=auc"]) == 0
   text = capsys.readouterr().out
   assert "| model | auc |" in text and "balanced_accuracy" not in text
-  assert "test auc per seed" in text and "| finetune | 0.900 | 0.880 | 0.910 |" in text
+  assert "test auc per seed" in text
+  assert "| finetune | 0.900 [0.850, 0.950] | 0.880 [0.830, 0.930] | 0.910 [0.860, 0.960] |" \
+      in text
   assert report.main(["report", f"--workdirs={','.join(workdirs)}", "--metrics=dice"]) == 2
   assert "--metrics ['dice']: no run's table has them" in capsys.readouterr().err
+
+
+def test_per_seed_cells_show_an_interval_only_where_the_run_has_one(tmp_path, capsys):
+  runs = [_write_run(tmp_path / f"r{s}", s, {"m": {"paired/x/auc": 0.1 * (s + 1)}})
+          for s in (0, 1)]
+  table = json.loads((tmp_path / "r1" / "results.json").read_text())
+  del table["table"][0]["paired/x/auc_ci95"]
+  (tmp_path / "r1" / "results.json").write_text(json.dumps(table))
+  assert report.main(["report", f"--workdirs={','.join(runs)}"]) == 0
+  assert "| m | 0.100 [0.050, 0.150] | 0.200 |" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- group mode

@@ -387,3 +387,71 @@ def test_num_epochs_sets_num_steps_from_the_training_split_and_the_batch(tmp_pat
   resolved = train.resolve_stage(s, steps_per_epoch=3)
   assert resolved.num_steps == 5 and resolved.eval_every == 1  # derived from the 5 steps
   assert train.resolve_stage(s).num_steps == 99  # no epoch size known: num_steps stands
+
+
+# --------------------------------------------------------------------------- select_after
+def _scripted_validation(monkeypatch, losses: dict[int, float]):
+  """Makes each evaluation during training report `losses[step]` as its validation loss
+  (the final evaluation of every split is left as it is)."""
+  real = train.evaluate_split
+
+  def scripted(setup, variables, split, *, bootstrap=0, during_training=False):
+    metrics = real(setup, variables, split, bootstrap=bootstrap,
+                   during_training=during_training)
+    if during_training and split == "validation":
+      metrics["loss"] = losses[scripted.steps.pop(0)]
+    return metrics
+
+  scripted.steps = sorted(losses)
+  monkeypatch.setattr(train, "evaluate_split", scripted)
+
+
+# Best at the first evaluation (step 1); among the evaluations from step 2 on, best at 3,
+# then two without improvement (4, 5).
+_LOSSES = {1: 1.0, 2: 3.0, 3: 2.0, 4: 2.5, 5: 2.6, 6: 0.5}
+
+
+def _warmup_config(select_after: int):
+  c = helpers.tiny_guidance_config(steps=6)
+  s = c.stages.inferior
+  s.eval_every, s.checkpoint_every, s.patience, s.select_after = 1, 6, 2, select_after
+  return c
+
+
+def test_select_after_keeps_a_later_evaluation_and_patience_counts_from_it(tmp_path,
+                                                                          monkeypatch):
+  # Without the warm-up: step 1 is the best, and patience 2 stops at step 3.
+  with monkeypatch.context() as m:
+    _scripted_validation(m, _LOSSES)
+    plain = train.train_and_evaluate(_warmup_config(0), str(tmp_path / "plain"))
+  assert plain["stages"]["inferior"]["step"] == 1
+  assert max(l["step"] for l in helpers.metrics_lines(
+      tmp_path / "plain" / "inferior" / "metrics.jsonl")) == 3
+  # select_after=2: step 1 is evaluated and logged but no candidate; 2 and then 3 are best,
+  # and patience counts from there (4, 5): the stage stops at 5, keeping step 3.
+  with monkeypatch.context() as m:
+    _scripted_validation(m, _LOSSES)
+    warm = train.train_and_evaluate(_warmup_config(2), str(tmp_path / "warm"))
+  assert warm["stages"]["inferior"]["step"] == 3
+  assert warm["stages"]["inferior"]["checkpoint"] == "best"
+  lines = helpers.metrics_lines(tmp_path / "warm" / "inferior" / "metrics.jsonl")
+  assert max(l["step"] for l in lines) == 5
+  logged = {l["step"]: l["eval/validation/loss"] for l in lines if "eval/validation/loss" in l}
+  assert logged == {k: v for k, v in _LOSSES.items() if k <= 5}
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(select_after=-1), r"stages.inferior.select_after=-1: must be >= 0"),
+    (dict(select_after=6), r"stages.inferior.select_after=6: must be < num_steps=6"),
+    (dict(select_after=3, select=""), r"stages.inferior.select_after=3: has no effect "
+                                      r"without select"),
+    # num_epochs sets num_steps at run time (40 examples / batch 16: 3 steps an epoch).
+    (dict(select_after=3, num_epochs=1.0, train_examples=40),
+     r"stages.inferior.select_after=3: must be < num_steps=3"),
+])
+def test_a_bad_select_after_is_a_config_error(tmp_path, change, message):
+  c = _warmup_config(0)
+  c.stages.inferior.update(change)
+  with pytest.raises(train.ConfigError, match=message):
+    train.train_and_evaluate(c, str(tmp_path))
+  assert not (tmp_path / "inferior").exists()

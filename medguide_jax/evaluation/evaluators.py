@@ -34,6 +34,8 @@ REGISTRY = {
     "generation": "medguide_jax.evaluation.hybridmed:Generation",
     "retrieval": "medguide_jax.evaluation.hybridmed:Retrieval",
     "zero_shot": "medguide_jax.evaluation.hybridmed:ZeroShot",
+    "paired": "medguide_jax.evaluation.paired:Paired",
+    "dice_val_threshold": "medguide_jax.evaluation.segmentation:ValThresholdDice",
 }
 
 

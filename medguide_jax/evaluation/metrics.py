@@ -99,7 +99,7 @@ def _bootstrap_values(metric_fn: Callable[..., Any], arrays: Sequence[np.ndarray
   return np.stack(values)
 
 
-def _percentile_interval(values: np.ndarray, alpha: float) -> np.ndarray:
+def percentile_interval(values: np.ndarray, alpha: float) -> np.ndarray:
   """Nan-ignoring percentile interval of `values` [S, ...] -> [2, ...] (nan if all nan)."""
   q = [100.0 * alpha / 2.0, 100.0 * (1.0 - alpha / 2.0)]
   if values.ndim == 1:
@@ -133,7 +133,7 @@ def bootstrap_ci(metric_fn: Callable[..., float], *arrays: np.ndarray,
     (nan, nan) if all are nan.
   """
   values = _bootstrap_values(metric_fn, arrays, num_samples, seed)  # [S]
-  lo, hi = _percentile_interval(values, alpha)
+  lo, hi = percentile_interval(values, alpha)
   return float(lo), float(hi)
 
 
@@ -159,7 +159,7 @@ def with_intervals(keys: list[str], point: np.ndarray, metric_fn: Callable[..., 
   result: dict[str, Any] = {k: float(v) for k, v in zip(keys, point)}
   if bootstrap > 0:
     values = _bootstrap_values(metric_fn, arrays, bootstrap, seed)  # [S, K]
-    for k, (lo, hi) in zip(keys, _percentile_interval(values, 0.05).T):
+    for k, (lo, hi) in zip(keys, percentile_interval(values, 0.05).T):
       result[f"{k}_ci95"] = [float(lo), float(hi)]
   return result
 
