@@ -9,15 +9,37 @@ for the soft map S in [0, 1], and the same with S replaced by (S > threshold) fo
 Dice. The Dice of one image and class is 2 inter / (pred + target). GLAM's paper reports Dice
 per lesion class; we average it over the images that have a ground-truth mask for that class
 and a lesion in it (an image without a mask file, or with an empty mask, has no Dice).
+
+A fixed threshold of 0.5 says little about maps whose values stay low (the global map's
+sigmoid outputs, pulled down by the sparsity term, rarely pass 0.5, so its hard Dice there is
+0). The evaluator `ValThresholdDice` (evals type 'dice_val_threshold') therefore also scores
+each map at a threshold chosen on the validation split, per map and class:
+
+  grid        t_k = k / steps, k = 1 .. steps - 1 (steps = 100: 0.01, 0.02, .. 0.99; the
+              maps are convex combinations of sigmoids, so they lie in [0, 1])
+  validation  the t_k maximising that map's mean hard Dice (S > t_k) for that class over the
+              validation images with that class's mask and a lesion (the images the Dice
+              above averages); ties go to the smallest such t_k
+  test        the Dice at the validation split's t_k, never test's own best
+
+  dice_<map>_val_threshold/<class>    the chosen t_k (the same on both splits)
+  dice_<map>_at_val_threshold/<class> the mean Dice at it (on validation: its maximum)
+  dice_gain_at_val_threshold/<class>  (fused - global) / global of the line above, as
+                                      dice_gain (soft) and dice_gain_hard (at 0.5) are
+
+A relative gain is nan when the global Dice is 0 or undefined, and so is a threshold (and its
+Dice) for a class without any validation image to choose it on.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medguide_jax.data import mammo
+from medguide_jax.evaluation import evaluators
 from medguide_jax.evaluation import metrics as metrics_lib
 
 
@@ -80,6 +102,143 @@ def dice_metrics(outputs: dict, labels: np.ndarray, classes: Sequence[str]) -> d
         result[f"dice_gain{suffix}/{name}"] = relative_gain(
             result[f"dice_fused{suffix}/{name}"], result[f"dice_global{suffix}/{name}"])
   return result
+
+
+# GLAM: hard Dice at a threshold chosen on the validation split (the module docstring).
+
+def threshold_grid(steps: int) -> np.ndarray:
+  """The thresholds k / steps, k = 1 .. steps - 1, ascending (float64)."""
+  return np.arange(1, steps) / steps
+
+
+def grid_sums(saliency: jax.Array, seg: jax.Array, steps: int) -> dict[str, jax.Array]:
+  """On device, for maps [B,H,W,C] and every t_k of `threshold_grid(steps)` at once:
+  'inter' sum((S > t_k) * M) and 'pred' sum(S > t_k), [B, C, steps - 1], and 'target'
+  sum(M) [B, C].
+
+  One comparison pass per threshold would cost `steps` passes over the map; instead each
+  pixel's count of thresholds below it, #{k : t_k < S}, is binned per image and class. The
+  pixel is in the hard mask of threshold k (0-based) iff its count exceeds k, so the sums at
+  t_k are the histograms' tails from bin k + 1. (jnp.searchsorted gives the same count, but
+  is slower here on CPU and XLA constant-folds its first probe into a map-sized array.)
+  """
+  s, m = saliency.astype(jnp.float32), seg.astype(jnp.float32)
+  b, _, _, c = s.shape
+  # floor(S * steps) is the count up to one either way where S lies within rounding of a
+  # threshold; comparing S with the thresholds on both sides of it makes the count exact
+  # (-inf and +inf close the ends, so counts stay in 0 .. steps - 1).
+  bounds = np.concatenate([[-np.inf], threshold_grid(steps), [np.inf]]).astype(np.float32)
+  bounds = jnp.asarray(bounds)
+  guess = jnp.clip(jnp.floor(s * steps).astype(jnp.int32), 0, steps - 1)
+  count = (guess - (bounds[guess] >= s).astype(jnp.int32)
+           + (bounds[guess + 1] < s).astype(jnp.int32))
+  bins = (jnp.arange(b)[:, None, None, None] * c + jnp.arange(c)) * steps + count
+  hist = lambda w: jax.ops.segment_sum(w.reshape(-1), bins.reshape(-1),
+                                       num_segments=b * c * steps).reshape(b, c, steps)
+  tail = lambda h: jnp.flip(jnp.cumsum(jnp.flip(h, -1), -1), -1)[..., 1:]
+  return {"inter": tail(hist(m)), "pred": tail(hist(jnp.ones_like(s))),
+          "target": m.sum(axis=(1, 2))}
+
+
+def dice_curve(inter: np.ndarray, pred: np.ndarray, target: np.ndarray,
+               valid: np.ndarray) -> tuple[np.ndarray, int]:
+  """Mean per-image Dice at every threshold, [T], of sums inter, pred [N, T] and target [N],
+  over the `valid` images with a lesion (as `mean_dice`); (all nan, 0) when none qualifies."""
+  inter, pred = np.asarray(inter, np.float64), np.asarray(pred, np.float64)
+  keep = np.asarray(valid, bool) & (np.asarray(target) > 0)
+  if not keep.any():
+    return np.full(inter.shape[1], np.nan), 0
+  target = np.asarray(target, np.float64)[keep, None]
+  return dice_per_image(inter[keep], pred[keep], target).mean(axis=0), int(keep.sum())
+
+
+def best_threshold_index(curve: np.ndarray) -> int | None:
+  """The index of the highest mean Dice (the first, i.e. the smallest threshold, on ties);
+  None when the curve is undefined (no image)."""
+  curve = np.asarray(curve, np.float64)
+  if np.isnan(curve).all():
+    return None
+  return int(np.nanargmax(curve))
+
+
+class ValThresholdDice(evaluators.Evaluator):
+  """GLAM's hard Dice per map and class at the threshold chosen on the validation split
+  (keys and rules in the module docstring).
+
+  Option `steps` (default 100): the grid k / steps. Splits are evaluated validation first
+  (train.finish_stage, evaluate.py), as missing_rate's Youden threshold relies on too: the
+  validation evaluation keeps its choice on this evaluator, which every later split uses. A
+  split evaluated before any validation one (Colab's `run.evaluate('test')`) makes the choice
+  on the validation split first, with the same variables. Costs one forward pass per split
+  it runs on (the task's `dice_maps`), with the grid's sums on device.
+  """
+
+  def __init__(self, task, *, steps: int = 100, **kw):
+    super().__init__(task, **kw)
+    if not hasattr(task, "dice_maps"):
+      raise ValueError(f"needs a GLAM task (tasks/glam.py, with dice_maps); this stage's task "
+                       f"is {type(task).__name__}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 2 <= steps <= 1000:
+      raise ValueError(f"steps={steps!r} must be an integer in [2, 1000] (thresholds k/steps)")
+    self.steps, self.thresholds = steps, threshold_grid(steps)
+    self.maps = ("global", "fused") if task.uses_local else ("global",)
+    self.classes = mammo.GLAM_CLASSES
+    self._chosen: dict[tuple[str, str], int | None] | None = None  # (map, class) -> index
+    self._sums_fn = self._grid_outputs  # one object: the trainer jits it once per stage
+
+  def keys(self) -> set[str]:
+    keys = {f"dice_{m}{s}/{c}" for m in self.maps for c in self.classes
+            for s in ("_val_threshold", "_at_val_threshold")}
+    if "fused" in self.maps:
+      keys |= {f"dice_gain_at_val_threshold/{c}" for c in self.classes}
+    return keys
+
+  def _grid_outputs(self, variables, batch: dict) -> dict[str, jax.Array]:
+    _, maps = self.task.dice_maps(variables, batch["image"])
+    out = {"labels": batch["labels"], "has_seg": batch["has_seg"]}
+    for name, s in maps.items():
+      out.update({f"{name}/{k}": v for k, v in grid_sums(s, batch["seg"], self.steps).items()})
+    return out
+
+  def _curves(self, sums: dict) -> dict[tuple[str, str], tuple[np.ndarray, int]]:
+    curves = {}
+    for c, name in enumerate(self.classes):
+      valid = (sums["has_seg"][:, c] > 0) & (sums["labels"][:, c] == 1)
+      for m in self.maps:
+        curves[m, name] = dice_curve(sums[f"{m}/inter"][:, c], sums[f"{m}/pred"][:, c],
+                                     sums[f"{m}/target"][:, c], valid)
+    return curves
+
+  def choose(self, validation_sums: dict) -> None:
+    """Keeps, per map and class, the grid index maximising the validation split's Dice."""
+    self._chosen = {key: best_threshold_index(curve) if n else None
+                    for key, (curve, n) in self._curves(validation_sums).items()}
+
+  def metrics(self, sums: dict) -> dict[str, Any]:
+    """The keys above for one split's grid sums, at the kept (validation) thresholds."""
+    result = {}
+    for (m, name), (curve, n) in self._curves(sums).items():
+      k = self._chosen[m, name]
+      result[f"dice_{m}_val_threshold/{name}"] = (
+          float(self.thresholds[k]) if k is not None else float("nan"))
+      result[f"dice_{m}_at_val_threshold/{name}"] = (
+          float(curve[k]) if k is not None and n else float("nan"))
+    if "fused" in self.maps:
+      for name in self.classes:
+        result[f"dice_gain_at_val_threshold/{name}"] = relative_gain(
+            result[f"dice_fused_at_val_threshold/{name}"],
+            result[f"dice_global_at_val_threshold/{name}"])
+    return result
+
+  def run(self, ctx: evaluators.EvalContext) -> dict[str, Any]:
+    if "has_seg" not in ctx.outputs:  # a split without masks has no Dice
+      return {}
+    sums = ctx.predict(ctx.split, fn=self._sums_fn)
+    if ctx.split == "validation":
+      self.choose(sums)
+    elif self._chosen is None:
+      self.choose(ctx.predict("validation", fn=self._sums_fn))
+    return self.metrics(sums)
 
 
 # Supervised segmentation (downstream tasks): per-image Dice of hard masks over every image,

@@ -15,7 +15,8 @@ so the losses follow what its forward pass implies and GMIC's sparsity term (MET
 Training sees image-level labels only ('benign', 'malignant'). Masks are read for
 evaluation: Dice of the global map S_g (upsampled x16, the GMIC-style baseline) and of the
 fused GLAM map S = (local canvas + up(S_g)) / 2, soft and at a threshold, per lesion class,
-over the test images that have a mask with a lesion in it.
+over the test images that have a mask with a lesion in it; the `dice_val_threshold`
+evaluator adds the hard Dice at the threshold chosen on the validation split.
 
 Sparsity: GMIC adds beta * sum|A| over the saliency map. Here `model.sparsity` (lambda)
 weights the per-pixel mean |A|, i.e. beta = lambda / (h w C), so lambda means the same at
@@ -155,21 +156,29 @@ class GlamTask(base.Task):
     metrics["loss"] = total
     return total, (metrics, state.replace(model_state=model_state))
 
-  def predict(self, variables, batch):
-    out = self.model.apply(variables, batch["image"], train=False, local=self.uses_local,
+  def dice_maps(self, variables, pixels: jax.Array) -> tuple[dict, dict[str, jax.Array]]:
+    """(the model's eval-mode outputs, the maps Dice scores): 'global' (S_g nearest-upsampled
+    to the image) and, where the stage has a local module, 'fused' (S); float32 [B,H,W,2].
+    Also the forward pass of evaluation/segmentation.py's ValThresholdDice."""
+    out = self.model.apply(variables, pixels, train=False, local=self.uses_local,
                            fuse=self.uses_local)
+    maps = {"global": glam_lib.resize_nearest(out["saliency_global"].astype(jnp.float32),
+                                              self.image_shape)}
+    if self.uses_local:
+      maps["fused"] = out["saliency"].astype(jnp.float32)
+    return out, maps
+
+  def predict(self, variables, batch):
+    out, maps = self.dice_maps(variables, batch["image"])
     labels = batch["labels"]
     bce = lambda y: classification.binary_cross_entropy(probs=y, labels=labels,
                                                         reduction="none")
     result = {"labels": labels, "y_global": out["y_global"].astype(jnp.float32),
               "loss": bce(out["y_global"])}
-    maps = {"global": glam_lib.resize_nearest(out["saliency_global"].astype(jnp.float32),
-                                              self.image_shape)}
     if self.uses_local:
       result["y_local"] = out["y_local"].astype(jnp.float32)
       result["loss"] = result["loss"] + bce(out["y_local"])
       result["patch_positions"] = out["patch_positions"]
-      maps["fused"] = out["saliency"].astype(jnp.float32)
     if "seg" in batch:
       result["has_seg"] = batch["has_seg"]
       for name, s in maps.items():
