@@ -243,7 +243,7 @@ def test_options_are_typed_from_the_config_fields():
   folder = builders.builder_options(builders.DATASETS["image_folder"])
   assert builders.parse_option("none", folder["max_side"]) is None
   assert builders.parse_option("No", folder["skip_unreadable"]) is False
-  assert builders.builder_options(builders.DATASETS["derm7pt"]) == {}
+  assert builders.builder_options(builders.DATASETS["derm7pt"]) == {"keep_replaced_clinic": bool}
   assert [builders.format_option(v) for v in ((3, 4), True, 7, "ct")] == [
       "3,4", "true", "7", "ct"]
 
