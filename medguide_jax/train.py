@@ -712,8 +712,7 @@ def _dependencies(config, name: str) -> set[str]:
   """The stages `name` inits from, distils from, or compares against (an evaluator's
   `against`, e.g. evaluation/paired.py's)."""
   stage = config.stages[name]
-  compared = {str(e.get("against", "")) for e in (stage.get("evals") or {}).values()
-              if hasattr(e, "get")}
+  compared = {str(e.get("against", "")) for e in (stage.get("evals") or {}).values()}
   return (set(source_names(f"{stage.init_from},{stage.get('teacher_from', '')}")) | compared) \
       & set(config.stages)
 
