@@ -124,7 +124,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 def keep_stages(c: ml_collections.ConfigDict, stages: str) -> None:
   """Deletes every stage not named in `stages` ('a+b'); '' keeps all. Unknown names are an
-  error listing the valid ones."""
+  error listing the valid ones. An evaluator of a kept stage that compares against a deleted
+  one (`against`, evaluation/paired.py) compares with nothing."""
   if not stages:
     return
   keep = stages.split("+")
@@ -134,3 +135,7 @@ def keep_stages(c: ml_collections.ConfigDict, stages: str) -> None:
   for name in list(c.stages):
     if name not in keep:
       del c.stages[name]
+  for stage in c.stages.values():  # an evaluator's comparison with a stage left out is off
+    for spec in (stage.get("evals") or {}).values():
+      if spec.get("against") and spec.against not in c.stages:
+        spec.against = ""

@@ -1,49 +1,50 @@
-r"""What SSL pretraining buys downstream: probe, kNN, fine-tuning, hybrid, vs random init.
+r"""What SSL pretraining buys downstream: probe, kNN, fine-tuning, hybrid, vs random init,
+at each labelled fraction.
 
-Stages (all on the labelled dataset; `train_examples` labelled training images):
-  pretrain      SwAV on the dataset's training images, labels unused (skipped when
-                `pretrained=<dir>` names a finished pretraining stage of another run)
-  probe         linear classifier on the frozen SSL encoder      | probe_random: same, random
-  knn           weighted 20-NN over the SSL features             | knn_random:   random
-  finetune      whole network from the SSL encoder               | scratch:      from random
-  hybrid        L_sup + lambda * L_SwAV on the labelled images, from the SSL encoder
+Stages, for every labelled fraction f of `fractions` (percent of the training split, a fixed
+nested stratified subset, the same for every seed; stage names end in _<f>):
+  pretrain        SwAV on the dataset's training images, labels unused (skipped when
+                  `pretrained=<dir>` names a finished pretraining stage of another run)
+  probe_f         linear classifier on the frozen SSL encoder | probe_random_f: same, random
+  knn_f           weighted 20-NN over the SSL features        | knn_random_f:   random
+  finetune_f      whole network from the SSL encoder          | scratch_f:      from random
+  hybrid_f        L_sup + lambda * L_SwAV on the labelled images, from the SSL encoder
 
 Every classifier is evaluated on the clean test set and under test-time intensity, gamma,
-contrast, rotation, scaling and noise changes (robust/<kind>/... in results.json). The
-convergence report (steps to reach a target validation metric, SSL init vs scratch) and
-the multi-seed summary come from
+contrast, rotation, scaling and noise changes (robust/<kind>/... in results.json), and the
+SSL-initialised ones against their random-init twin on the same test cases
+(paired/<twin>/<metric> with a paired bootstrap interval). Over seeds:
 
-  python -m medguide_jax.ssl_report --workdirs=/tmp/ssl_ft_s0,/tmp/ssl_ft_s1,...
+  python -m medguide_jax.report --workdirs=W0,W1,W2,W3,W4 --metrics=balanced_accuracy,auc \
+      --pairs=probe_1:probe_random_1,probe_10:probe_random_10,finetune_1:scratch_1,\
+finetune_10:scratch_10,hybrid_1:scratch_1,hybrid_10:scratch_10
+  python -m medguide_jax.ssl_report --workdirs=W0,W1,W2,W3,W4   # convergence, robustness
 
-Smoke run on the embedded synthetic data (every stage; 79 s on 2 idle CPU cores once the data
-exists, 3m02s measured earlier on a busier machine):
+Smoke run on the embedded synthetic data (fraction 10% only; a check that every stage runs,
+not a result):
 
   python -m medguide_jax.main --config=configs/ssl_finetune.py:smoke --workdir=/tmp/ssl_ft_smoke
 
-  Expected (seed 0): every stage at chance, test balanced accuracy 0.24-0.27 (finetune
-  0.249 [0.227, 0.270], knn 0.238, scratch 0.268; measured 2026-12-01): a check that all
-  stages run, not a result.
+CPU size, the seeds protocol of the README's SSL results (synthetic_multimodality:scattered,
+TinyCNN width 32 at 64 px; 400 SwAV steps, then 200 steps per downstream stage at 1% and 10%
+of the 4000 labels; one seed, pretraining included, within the 15-minute budget of 2 cores:
+see the README for the measured CPU time):
 
-CPU size on synthetic_multimodality (ResNet-18 width 16, 64 px, 400 labelled images):
+  python -m medguide_jax.main --config=configs/ssl_finetune.py:size=cpu --config.seed=S \
+      --workdir=/tmp/ssl_ft_S
 
-  python -m medguide_jax.main --config=configs/ssl_finetune.py:size=cpu --workdir=/tmp/ssl_ft
-
-  Expected over seeds 0-2 (README, SSL results): every stage at chance (test balanced
-  accuracy 0.24-0.25; 64 px lesions are too small for 400 labels and 300 steps). On
-  brain_tumor_mri: finetune 0.689 ± 0.079 vs scratch 0.656 ± 0.092, probe 0.494 vs
-  probe_random 0.472; on breastmnist (synthetic pretraining): finetune 0.675 vs scratch 0.702.
-  No SSL benefit at this scale.
+  Expected over seeds 0-4: the README's SSL results table.
 
 Real labelled sets (build once from ../shared/data, then pretrain on them or pass a
 pretraining run with pretrained=):
 
   python -m data_prep.build brain_tumor_mri --manual_dir=../shared/data/brain_tumor_mri_small
-  python -m medguide_jax.main --config=configs/ssl_finetune.py:dataset=brain_tumor_mri,size=cpu \
-      --workdir=/tmp/ssl_brain
+  python -m medguide_jax.main --config=configs/ssl_finetune.py:dataset=brain_tumor_mri,size=cpu,\
+fractions=10+100 --workdir=/tmp/ssl_brain
 
 Arguments after ':': dataset=synthetic|<labelled dataset>, size=smoke|cpu|paper, smoke,
-model=<encoder>, pretrained=<path to a finished pretraining stage dir>, train_examples=N
-(0 = all), stages=<names joined by '+'>.
+model=<encoder>, pretrained=<path to a finished pretraining stage dir>, fractions=<labelled
+percentages joined by '+', e.g. 1+10>, stages=<names joined by '+'>.
 """
 from __future__ import annotations
 
@@ -52,11 +53,12 @@ import ml_collections
 from configs import common
 from configs import ssl_pretrain
 
-# size -> downstream steps, batch, lr (Adam), labelled examples, eval points.
+# size -> downstream steps, batch, lr (Adam), labelled fractions (% of the training split),
+# eval points.
 DOWNSTREAM = {
-    "smoke": dict(steps=120, batch=32, lr=1e-3, probe_lr=1e-2, examples=200),
-    "cpu": dict(steps=300, batch=32, lr=1e-3, probe_lr=1e-2, examples=400),
-    "paper": dict(steps=20000, batch=256, lr=1e-4, probe_lr=0.1, examples=0),
+    "smoke": dict(steps=120, batch=32, lr=1e-3, probe_lr=1e-2, fractions="10"),
+    "cpu": dict(steps=200, batch=32, lr=1e-3, probe_lr=1e-2, fractions="1+10"),
+    "paper": dict(steps=20000, batch=256, lr=1e-4, probe_lr=0.1, fractions="1+10+100"),
 }
 
 
@@ -66,49 +68,72 @@ ROBUST = {"robust": {"type": "robustness"}}
 KNN = {"knn": {"k": 20, "temperature": 0.07, "prefix": ""}}
 
 
-def _downstream(ds: dict, task: str, *, init: str, freeze: str = "",
+def fractions(text: str) -> list[int]:
+  """'1+10' -> [1, 10]: labelled shares of the training split in percent, each in 1..100."""
+  try:
+    out = [int(f) for f in text.split("+") if f.strip()]
+  except ValueError:
+    out = []
+  if not out or any(not 1 <= f <= 100 for f in out) or len(set(out)) != len(out):
+    raise ValueError(f"fractions={text!r}: expected distinct integer percentages in 1..100 "
+                     "joined by '+', e.g. fractions=1+10")
+  return sorted(out)
+
+
+def _downstream(ds: dict, task: str, *, init: str, fraction: int, freeze: str = "",
                 lr: float | None = None, bootstrap: int = 1000, steps: int | None = None,
-                examples: int = 0, **kw) -> ml_collections.ConfigDict:
+                against: str = "", **kw) -> ml_collections.ConfigDict:
   steps = ds["steps"] if steps is None else steps
-  kw.setdefault("evals", KNN if task == "knn" else ROBUST)
+  evals = dict(KNN if task == "knn" else ROBUST)
+  if task != "knn":
+    # Every classifier keeps its test outputs; an SSL-initialised one is also compared, case
+    # by case, with its random-init twin (paired/<twin>/...: a paired bootstrap).
+    evals["paired"] = {"against": against, "splits": "test"}
   return common.stage(
       task, num_steps=steps, batch_size=ds["batch"], eval_batch_size=256,
-      eval_every=max(steps // 20, 1) if steps else 0, select="max:val/balanced_accuracy" if steps
+      eval_every=max(steps // 10, 1) if steps else 0, select="max:val/balanced_accuracy" if steps
       else "", bootstrap=bootstrap, init_from=init, init_params="enc/.*" if init else "",
-      freeze=freeze, train_examples=examples,
+      freeze=freeze, train_fraction=0.0 if fraction == 100 else fraction / 100.0,
+      train_stratify="label" if fraction < 100 else "", evals=evals,
       opt=common.optimizer("adam", lr=lr or ds["lr"], schedule="cosine" if steps else "constant",
                            warmup_steps=-1), **kw)
 
 
+def downstream_stages(ds: dict, src: str, fraction: int, bootstrap: int) -> dict:
+  """The stages at one labelled fraction, named <kind>_<fraction>."""
+  f, kw = f"_{fraction}", dict(fraction=fraction, bootstrap=bootstrap)
+  return {
+      "probe" + f: _downstream(ds, "probe", init=src, freeze="enc/.*", lr=ds["probe_lr"],
+                               against="probe_random" + f, **kw),
+      "probe_random" + f: _downstream(ds, "probe", init="", freeze="enc/.*", lr=ds["probe_lr"],
+                                      **kw),
+      "knn" + f: _downstream(ds, "knn", init=src, steps=0, **kw),
+      "knn_random" + f: _downstream(ds, "knn", init="", steps=0, **kw),
+      "finetune" + f: _downstream(ds, "finetune", init=src, against="scratch" + f, **kw),
+      "scratch" + f: _downstream(ds, "finetune", init="", **kw),
+      "hybrid" + f: _downstream(ds, "hybrid", init=src, against="scratch" + f, **kw),
+  }
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = common.parse_arg(arg, dataset="synthetic", model="", size="cpu", smoke=False,
-                         pretrained="", train_examples=-1, stages="")
+                         pretrained="", fractions="", stages="")
   size = "smoke" if arg.smoke else arg.size
   if size not in ssl_pretrain.SIZES:
     raise ValueError(f"size={size!r}; valid: {sorted(ssl_pretrain.SIZES)}")
   sz, ds = ssl_pretrain.SIZES[size], DOWNSTREAM[size]
-  examples = ds["examples"] if arg.train_examples < 0 else arg.train_examples
   bootstrap = 200 if size == "smoke" else 1000
 
   c = common.base_config()
   c.method = "ssl"
-  c.default_stage = "finetune"
+  c.default_stage = "finetune_" + str(fractions(arg.fractions or ds["fractions"])[-1])
   ssl_pretrain.data_block(c, arg.dataset, sz["crops"][1])
   c.model = ssl_pretrain.model_block(sz, arg.model)
   c.ssl = ssl_pretrain.ssl_block(sz, "swav")
   src = arg.pretrained or "pretrain"
-  stages = {
-      "probe": _downstream(ds, "probe", init=src, freeze="enc/.*", lr=ds["probe_lr"],
-                           bootstrap=bootstrap, examples=examples),
-      "probe_random": _downstream(ds, "probe", init="", freeze="enc/.*", lr=ds["probe_lr"],
-                                  bootstrap=bootstrap, examples=examples),
-      "knn": _downstream(ds, "knn", init=src, steps=0, bootstrap=bootstrap, examples=examples),
-      "knn_random": _downstream(ds, "knn", init="", steps=0, bootstrap=bootstrap,
-                                examples=examples),
-      "finetune": _downstream(ds, "finetune", init=src, bootstrap=bootstrap, examples=examples),
-      "scratch": _downstream(ds, "finetune", init="", bootstrap=bootstrap, examples=examples),
-      "hybrid": _downstream(ds, "hybrid", init=src, bootstrap=bootstrap, examples=examples),
-  }
+  stages = {}
+  for fraction in fractions(arg.fractions or ds["fractions"]):
+    stages.update(downstream_stages(ds, src, fraction, bootstrap))
   if not arg.pretrained:
     stages["pretrain"] = ssl_pretrain.pretrain_stage(sz)
   c.stages = ml_collections.ConfigDict(stages)

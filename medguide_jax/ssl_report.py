@@ -8,10 +8,12 @@ JSON):
 
 * test balanced accuracy / AUC per stage: mean, sd and a 95% t-interval over seeds
   (per-seed bootstrap CIs are in each results.json);
-* convergence (Ghesu et al.: "up to 85% fewer steps"): per seed, the target is
-  `target_fraction` x the best validation balanced accuracy the scratch model reaches;
-  steps_to_target is the first evaluated step at which a stage's validation metric reaches
-  it (none if never), and the saving is 1 - steps(finetune) / steps(scratch);
+* convergence (Ghesu et al.: "up to 85% fewer steps"): for every SSL-initialised stage
+  (finetune<suffix>, hybrid<suffix>) and its random-init twin scratch<suffix> (suffix '' or
+  '_<labelled %>'), per seed, the target is `target_fraction` x the best validation
+  balanced accuracy the twin reaches; steps_to_target is the first evaluated step at which
+  a stage's validation metric reaches it (none if never), and the saving is
+  1 - steps(stage) / steps(twin);
 * robustness: test balanced accuracy under each perturbation, and its drop from clean.
 """
 from __future__ import annotations
@@ -59,6 +61,18 @@ def steps_to_target(curve: list[tuple[int, float]], target: float) -> int | None
   return None
 
 
+def _twins(stages) -> list[tuple[str, str]]:
+  """(SSL-initialised stage, its scratch twin) for every 'scratch<suffix>' stage (suffix ''
+  or '_<fraction>'): 'finetune<suffix>' and 'hybrid<suffix>' where they exist."""
+  out = []
+  for name in sorted(stages):
+    if name.startswith("scratch"):
+      suffix = name[len("scratch"):]
+      out += [(kind + suffix, name) for kind in ("finetune", "hybrid")
+              if kind + suffix in stages]
+  return out
+
+
 def seed_report(workdir: epath.Path, target_fraction: float, metric: str) -> dict:
   results = metric_writers.read_json(workdir / "results.json")
   out = {"test": {}, "robust": {}, "convergence": {}}
@@ -69,16 +83,17 @@ def seed_report(workdir: epath.Path, target_fraction: float, metric: str) -> dic
     out["test"][name] = {k: m.get(f"test/{k}") for k in (metric, "auc", "accuracy")}
     out["robust"][name] = {k.split("/")[2]: v for k, v in m.items()
                            if k.startswith("test/robust/") and k.endswith(f"/{metric}")}
-  scratch = eval_curve(workdir / "scratch", metric)
-  if scratch:
+  for ssl_stage, scratch_stage in _twins(results["stages"]):
+    scratch = eval_curve(workdir / scratch_stage, metric)
+    if not scratch:
+      continue
     target = target_fraction * max(v for _, v in scratch)
-    out["convergence"]["target"] = target
-    for name in ("finetune", "scratch", "hybrid"):
-      curve = eval_curve(workdir / name, metric)
-      if curve:
-        out["convergence"][name] = steps_to_target(curve, target)
-    ft, sc = out["convergence"].get("finetune"), out["convergence"].get("scratch")
-    out["convergence"]["saving"] = (1.0 - ft / sc) if ft and sc else None
+    sc = steps_to_target(scratch, target)
+    curve = eval_curve(workdir / ssl_stage, metric)
+    ft = steps_to_target(curve, target) if curve else None
+    out["convergence"][ssl_stage] = {
+        "scratch": scratch_stage, "target": target, "steps": ft, "scratch_steps": sc,
+        "saving": (1.0 - ft / sc) if ft is not None and sc else None}
   return out
 
 
@@ -94,11 +109,13 @@ def report(workdirs: list[str], target_fraction: float = 0.95,
     kinds = sorted({k for r in seeds for k in r["robust"].get(s, {})})
     summary["robust"][s] = {k: summarise([r["robust"].get(s, {}).get(k) for r in seeds])
                             for k in kinds}
-  for key in ("finetune", "scratch", "hybrid", "saving"):
-    vals = [r["convergence"].get(key) for r in seeds]
-    summary["convergence"][key] = summarise([float(v) for v in vals if v is not None])
-    summary["convergence"][key]["never_reached"] = sum(
-        1 for r in seeds if "target" in r["convergence"] and r["convergence"].get(key) is None)
+  for s in sorted({s for r in seeds for s in r["convergence"]}):
+    rows = [r["convergence"][s] for r in seeds if s in r["convergence"]]
+    entry = {"scratch": rows[0]["scratch"]}
+    for key in ("steps", "scratch_steps", "saving"):
+      entry[key] = summarise([float(x[key]) for x in rows if x[key] is not None])
+      entry[key]["never_reached"] = sum(1 for x in rows if x[key] is None)
+    summary["convergence"][s] = entry
   return summary
 
 
@@ -117,12 +134,15 @@ def markdown(summary: dict) -> str:
            f"| stage | {m} | auc |", "|---|---|---|"]
   for s, v in summary["test"].items():
     lines.append(f"| {s} | {_fmt(v[m])} | {_fmt(v['auc'])} |")
-  c = summary["convergence"]
-  lines += ["", f"steps to reach {summary['target_fraction']:.2f} x scratch's best validation {m}",
-            "", "| stage | steps | never reached |", "|---|---|---|"]
-  for s in ("finetune", "hybrid", "scratch"):
-    lines.append(f"| {s} | {_fmt(c[s])} | {c[s].get('never_reached', 0)} |")
-  lines.append(f"| saving (1 - finetune/scratch) | {_fmt(c['saving'])} | |")
+  lines += ["", f"steps to reach {summary['target_fraction']:.2f} x the scratch twin's best "
+            f"validation {m} (never: seeds that did not reach it)", "",
+            "| stage | steps | scratch twin | its steps | saving 1 - steps/scratch's |",
+            "|---|---|---|---|---|"]
+  for s, c in summary["convergence"].items():
+    never = lambda x: f" (never: {x['never_reached']})" if x["never_reached"] else ""
+    lines.append(f"| {s} | {_fmt(c['steps'])}{never(c['steps'])} | {c['scratch']} | "
+                 f"{_fmt(c['scratch_steps'])}{never(c['scratch_steps'])} | "
+                 f"{_fmt(c['saving'])} |")
   kinds = sorted({k for v in summary["robust"].values() for k in v})
   if kinds:
     lines += ["", f"test {m} under perturbation", "",

@@ -68,22 +68,22 @@ def test_downstream_encoder_restored_from_pretraining_gives_the_same_features(tm
   from configs import ssl_finetune  # pylint: disable=g-import-not-at-top
   pre = tiny_pretrain(steps=3)
   train.train_and_evaluate(pre, str(tmp_path / "pre"))
-  c = ssl_finetune.get_config(f"smoke,pretrained={tmp_path / 'pre' / 'pretrain'},stages=knn")
+  c = ssl_finetune.get_config(f"smoke,pretrained={tmp_path / 'pre' / 'pretrain'},stages=knn_10")
   c.model, c.ssl, c.data.image_size = pre.model, pre.ssl, 32
-  c.stages.knn.train_examples, c.stages.knn.bootstrap = 64, 0
+  c.stages.knn_10.bootstrap = 0
   train.train_and_evaluate(c, str(tmp_path / "ft"))
   a = checkpointing.load_variables(tmp_path / "pre" / "pretrain" / "variables")
-  b = checkpointing.load_variables(tmp_path / "ft" / "knn" / "variables")
+  b = checkpointing.load_variables(tmp_path / "ft" / "knn_10" / "variables")
   helpers.assert_trees_equal(a["params"]["enc"], b["params"]["enc"])
   helpers.assert_trees_equal(a["batch_stats"]["enc"], b["batch_stats"]["enc"])
   from medguide_jax import evaluate  # pylint: disable=g-import-not-at-top
   run_pre = evaluate.load_run(tmp_path / "pre", "pretrain")
-  run_ft = evaluate.load_run(tmp_path / "ft", "knn")
+  run_ft = evaluate.load_run(tmp_path / "ft", "knn_10")
   x = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
   f = lambda run: run.task.model.apply(run.variables, {"image": x}, train=False)["features"]
   np.testing.assert_array_equal(np.asarray(f(run_pre)), np.asarray(f(run_ft)))
-  result = json.loads((tmp_path / "ft" / "knn" / "results.json").read_text())
-  assert 0 <= result["stages"]["knn"]["metrics"]["test/balanced_accuracy"] <= 1
+  result = json.loads((tmp_path / "ft" / "knn_10" / "results.json").read_text())
+  assert 0 <= result["stages"]["knn_10"]["metrics"]["test/balanced_accuracy"] <= 1
 
 
 _SHARDED = """
@@ -140,7 +140,7 @@ def test_probe_on_an_unlabelled_dataset_is_an_error():
 
   c = ssl_finetune.get_config("smoke")
   with pytest.raises(ValueError, match="needs labels"):
-    ssl_lib.make_task(base.TaskContext(c, c.stages.probe, Source()))
+    ssl_lib.make_task(base.TaskContext(c, c.stages.probe_10, Source()))
 
 
 # --------------------------------------------------------------------------- host pieces
@@ -215,19 +215,52 @@ def test_report_steps_to_target_and_seed_summary(tmp_path):
   from scipy import stats  # pylint: disable=g-import-not-at-top
   assert s["ci95"][1] - 0.8 == pytest.approx(stats.t.ppf(0.975, 2) * 0.1 / math.sqrt(3))
   assert stats.t.ppf(0.975, 2) == pytest.approx(4.303, abs=5e-4)  # the table value
-  # One seed's workdir, written by hand: scratch reaches 0.8 at step 40, finetune at 10.
-  for name, curve in (("scratch", [(10, 0.5), (20, 0.6), (40, 0.8)]),
-                      ("finetune", [(10, 0.8), (20, 0.85)])):
+  # One seed's workdir, written by hand: at 10% labels scratch reaches 0.8 at step 40,
+  # finetune at 10, hybrid never; at 1% only a scratch twin without SSL stages.
+  for name, curve in (("scratch_10", [(10, 0.5), (20, 0.6), (40, 0.8)]),
+                      ("finetune_10", [(10, 0.8), (20, 0.85)]),
+                      ("hybrid_10", [(10, 0.3), (20, 0.4)]),
+                      ("scratch_1", [(10, 0.4)])):
     (tmp_path / name).mkdir()
     (tmp_path / name / "metrics.jsonl").write_text("\n".join(
         json.dumps({"step": st, "eval/validation/balanced_accuracy": v}) for st, v in curve))
   (tmp_path / "results.json").write_text(json.dumps({"stages": {
-      "finetune": {"metrics": {"test/balanced_accuracy": 0.8, "test/auc": 0.9,
-                               "test/robust/gamma/balanced_accuracy": 0.7}},
-      "scratch": {"metrics": {"test/balanced_accuracy": 0.7, "test/auc": 0.8}}}}))
+      "finetune_10": {"metrics": {"test/balanced_accuracy": 0.8, "test/auc": 0.9,
+                                  "test/robust/gamma/balanced_accuracy": 0.7}},
+      "hybrid_10": {"metrics": {"test/balanced_accuracy": 0.5, "test/auc": 0.6}},
+      "scratch_10": {"metrics": {"test/balanced_accuracy": 0.7, "test/auc": 0.8}},
+      "scratch_1": {"metrics": {"test/balanced_accuracy": 0.4, "test/auc": 0.5}}}}))
   summary = ssl_report.report([str(tmp_path)], target_fraction=1.0)
-  assert summary["convergence"]["finetune"]["mean"] == 10
-  assert summary["convergence"]["scratch"]["mean"] == 40
-  assert summary["convergence"]["saving"]["mean"] == pytest.approx(0.75)
-  assert summary["robust"]["finetune"]["gamma"]["mean"] == 0.7
-  assert "| finetune |" in ssl_report.markdown(summary)
+  ft = summary["convergence"]["finetune_10"]
+  assert ft["scratch"] == "scratch_10"
+  assert ft["steps"]["mean"] == 10 and ft["scratch_steps"]["mean"] == 40
+  assert ft["saving"]["mean"] == pytest.approx(0.75)
+  hy = summary["convergence"]["hybrid_10"]
+  assert hy["steps"]["n"] == 0 and hy["steps"]["never_reached"] == 1
+  assert hy["saving"]["never_reached"] == 1
+  assert set(summary["convergence"]) == {"finetune_10", "hybrid_10"}  # scratch_1: no twin
+  assert summary["robust"]["finetune_10"]["gamma"]["mean"] == 0.7
+  text = ssl_report.markdown(summary)
+  assert "| finetune_10 | 10.000 |" in text and "| hybrid_10 | - (never: 1) |" in text
+
+
+def test_finetune_config_has_stages_per_labelled_fraction_each_after_its_twin():
+  from configs import ssl_finetune  # pylint: disable=g-import-not-at-top
+  c = ssl_finetune.get_config("fractions=1+10")
+  kinds = ("probe", "probe_random", "knn", "knn_random", "finetune", "scratch", "hybrid")
+  assert set(c.stages) == {"pretrain"} | {f"{k}_{f}" for k in kinds for f in (1, 10)}
+  assert c.stages.finetune_1.train_fraction == 0.01 and c.stages.scratch_10.train_fraction == 0.1
+  assert c.stages.finetune_1.train_stratify == "label"
+  assert c.stages.finetune_1.evals.paired.against == "scratch_1"
+  assert c.stages.hybrid_10.evals.paired.against == "scratch_10"
+  assert c.stages.probe_1.evals.paired.against == "probe_random_1"
+  order = train.stage_order(c)
+  for ssl_stage, twin in (("finetune_1", "scratch_1"), ("hybrid_10", "scratch_10"),
+                          ("probe_10", "probe_random_10")):
+    assert order.index(twin) < order.index(ssl_stage)  # its outputs exist when compared
+  full = ssl_finetune.get_config("fractions=100")
+  assert full.stages.finetune_100.train_fraction == 0.0  # all labels: no subset
+  assert ssl_finetune.get_config("stages=finetune_10").stages.finetune_10.evals.paired.against == ""
+  for bad in ("0", "1+1", "150", "x"):
+    with pytest.raises(ValueError, match="fractions="):
+      ssl_finetune.get_config(f"fractions={bad}")

@@ -27,24 +27,35 @@ def _stage_args(name: str, steps: int) -> list[str]:
 
 
 def test_finetune_smoke_runs_every_downstream_kind(tmp_path):
-  stages = {"pretrain": 4, "probe": 4, "knn": 0, "finetune": 4, "hybrid": 2}
+  stages = {"pretrain": 4, "probe_10": 4, "knn_10": 0, "finetune_10": 4, "hybrid_10": 2,
+            "scratch_10": 2}
   args = list(_TINY)
   for name, steps in stages.items():
     args += _stage_args(name, steps)
-  args += [f"--config.stages.{n}.train_examples=64" for n in stages if n != "pretrain"]
+  args += [f"--config.stages.{n}.{k}={v}" for n in stages if n != "pretrain"
+           for k, v in (("train_fraction", 0.0), ("train_stratify", ""), ("train_examples", 64))]
   proc = helpers.run_main(tmp_path, args, config_file="configs/ssl_finetune.py",
                           config_arg=f"smoke,stages={'+'.join(stages)}", timeout=helpers.HANG_GUARD_S)
   results = json.loads((tmp_path / "results.json").read_text())
   models = [row["model"] for row in results["table"]]
-  assert sorted(models) == ["finetune", "hybrid", "knn", "probe"]
+  assert sorted(models) == ["finetune_10", "hybrid_10", "knn_10", "probe_10", "scratch_10"]
   for row in results["table"]:
     assert 0 <= row["balanced_accuracy"] <= 1 and len(row["balanced_accuracy_ci95"]) == 2
-  m = results["stages"]["finetune"]["metrics"]
+  m = results["stages"]["finetune_10"]["metrics"]
   for kind in ("intensity", "gamma", "contrast", "rotation", "scaling", "noise"):
     assert 0 <= m[f"test/robust/{kind}/balanced_accuracy"] <= 1
-  hybrid = helpers.metrics_lines(tmp_path / "hybrid" / "metrics.jsonl")
+  # finetune and hybrid are compared case by case with scratch (which ran before them);
+  # probe's twin probe_random was left out, so it has no paired keys.
+  ft, sc = m["test/balanced_accuracy"], results["stages"]["scratch_10"]["metrics"]
+  assert m["test/paired/scratch_10/balanced_accuracy"] == pytest.approx(
+      ft - sc["test/balanced_accuracy"], abs=1e-9)
+  lo, hi = m["test/paired/scratch_10/balanced_accuracy_ci95"]
+  assert lo <= hi
+  assert not any(k.startswith("test/paired/") for k in results["stages"]["probe_10"]["metrics"])
+  assert (tmp_path / "scratch_10" / "outputs_test.npz").exists()
+  hybrid = helpers.metrics_lines(tmp_path / "hybrid_10" / "metrics.jsonl")
   assert {"train/sup_loss", "train/ssl_loss", "train/swav_loss"} <= set(hybrid[-1])
-  assert "| finetune |" in proc.stdout
+  assert "| finetune_10 |" in proc.stdout
 
 
 def test_bad_ssl_override_exits_2_naming_the_key(tmp_path):

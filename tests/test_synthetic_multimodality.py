@@ -1,6 +1,7 @@
 """synthetic_multimodality: deterministic, four balanced sources, the class is a local shape."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 
@@ -170,3 +171,53 @@ def test_prepare_and_read_back_through_data_source(tmp_path):
     assert len(ids) == count
     if split == "train":
       assert sources == set(smm.SOURCES)
+
+
+# --- The 'scattered' config (the ssl method's default). ---
+
+
+def _lesion_mask(seed, split, index, size, evidence):
+  """The class evidence alone: the same image rendered with and without it differs there."""
+  rng = np.random.default_rng([seed, split, index])
+  label = int(rng.integers(len(smm.CLASS_NAMES)))
+  source = smm.SOURCES[int(rng.integers(len(smm.SOURCES)))]
+  canvas = dataclasses.replace(smm._canvas(size), evidence=evidence)
+  mask, _ = smm._lesion(np.random.default_rng(1), label, canvas, np.ones((size, size)))
+  return label, source, mask
+
+
+def test_scattered_draws_several_lesions_of_the_class_each_image():
+  """4-10x the evidence of the default: many separate lesions, not one, so that most crops of
+  an image (SwAV's views) hold some of it; 'normal' still has none."""
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  areas = {"single": [], "scattered": []}
+  for i in range(60):
+    for name, evidence in (("single", smm.SINGLE), ("scattered", smm.SCATTERED)):
+      label, _, mask = _lesion_mask(0, 0, i, 96, evidence)
+      if label == smm.NORMAL:
+        assert mask.max() == 0
+        continue
+      areas[name].append(mask.sum())
+      if name == "scattered" and label == smm.ROUND:
+        count = ndimage.label(mask > 0.5)[1]
+        assert 2 <= count <= smm.SCATTERED.count[1], count  # overlaps may merge a few
+  assert np.mean(areas["scattered"]) > 4 * np.mean(areas["single"])
+
+
+def test_scattered_is_its_own_config_and_leaves_the_default_unchanged(tmp_path):
+  default = smm.generate_example(0, 2, 11, 48)
+  again = smm.generate_example(0, 2, 11, 48, smm.SINGLE)
+  np.testing.assert_array_equal(default[0], again[0])
+  scattered = smm.generate_example(0, 2, 11, 48, smm.SCATTERED)
+  assert scattered[1:] == default[1:]  # same label and source: only the evidence differs
+  assert not np.array_equal(scattered[0], default[0])
+  builder = builders.prepare("synthetic_multimodality:scattered", data_dir=tmp_path,
+                             num_examples=(4, 2, 2), image_size=32)
+  assert builder.builder_config.name == "scattered_s32_n4_2_2_seed0"
+  assert builder.builder_config.evidence == smm.SCATTERED
+  name = f"{builder.name}/{builder.builder_config.name}:{builder.version}"
+  record = tfds.data_source(name, split="test", data_dir=os.fspath(tmp_path))[1]
+  expected = smm.generate_example(0, 2, 1, 32, smm.SCATTERED)[0]
+  np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(record["image"]))), expected)
+  with pytest.raises(ValueError, match="tag 'dense' is unknown.*scattered"):
+    smm.SyntheticMultimodality(data_dir=os.fspath(tmp_path), tag="dense")

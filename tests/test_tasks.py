@@ -191,21 +191,21 @@ def test_a_select_metric_that_no_evaluation_gives_is_exit_2_before_anything_is_w
 
 def test_evaluator_keys_that_clash_with_the_tasks_and_a_training_knn_are_errors(tmp_path):
   from configs import ssl_finetune  # pylint: disable=g-import-not-at-top
-  c = ssl_finetune.get_config("smoke,stages=scratch")
-  c.stages.scratch.evals.knn = {"prefix": ""}  # its balanced_accuracy is the task's too
+  c = ssl_finetune.get_config("smoke,stages=scratch_10")
+  c.stages.scratch_10.evals.knn = {"prefix": ""}  # its balanced_accuracy is the task's too
   with pytest.raises(train.ConfigError, match=r"evals.knn: its metrics \['accuracy', 'auc', "
                                               r"'balanced_accuracy'\] clash"):
-    train.StageSetup(c, "scratch", tmp_path, None)
-  c.stages.scratch.evals.knn.prefix = "knn/"
-  c.stages.scratch.select = "max:val/knn/auc"  # only at the end, unless every_eval
+    train.StageSetup(c, "scratch_10", tmp_path, None)
+  c.stages.scratch_10.evals.knn.prefix = "knn/"
+  c.stages.scratch_10.select = "max:val/knn/auc"  # only at the end, unless every_eval
   with pytest.raises(train.ConfigError, match="without every_eval=True"):
-    train.StageSetup(c, "scratch", tmp_path, None)
-  c.stages.scratch.evals.knn.every_eval = True
-  assert "knn/auc" in train.StageSetup(c, "scratch", tmp_path, None).metric_keys
-  c = ssl_finetune.get_config("smoke,stages=knn")
-  c.stages.knn.num_steps = 3
+    train.StageSetup(c, "scratch_10", tmp_path, None)
+  c.stages.scratch_10.evals.knn.every_eval = True
+  assert "knn/auc" in train.StageSetup(c, "scratch_10", tmp_path, None).metric_keys
+  c = ssl_finetune.get_config("smoke,stages=knn_10")
+  c.stages.knn_10.num_steps = 3
   with pytest.raises(train.ConfigError, match="trains nothing"):
-    train.StageSetup(c, "knn", tmp_path, None)
+    train.StageSetup(c, "knn_10", tmp_path, None)
 
 
 # --------------------------------------------------------------------------- init_params
