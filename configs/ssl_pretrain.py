@@ -9,9 +9,11 @@ CPU cores: 23 s measured including generating the data, 33 s earlier on a busier
 
   python -m medguide_jax.main --config=configs/ssl_pretrain.py:smoke --workdir=/tmp/ssl_smoke
 
-  Expected: train/swav_loss falls from 4.1 onto a plateau at ln 32 = 3.47 (steps 28-56; the
-  collapse warning fires there), then leaves it and ends near 3.2-3.3; the pretrained
-  features' leave-one-out kNN accuracy stays at chance (validation 0.252, test 0.234).
+  Expected (measured on the earlier one-lesion default, synthetic_multimodality; the
+  scattered default adds about 40 s to generate its data once): train/swav_loss falls from
+  4.1 onto a plateau at ln 32 = 3.47 (steps 28-56; the collapse warning fires there), then
+  leaves it and ends near 3.2-3.3; the features' leave-one-out kNN accuracy stays near
+  chance (validation 0.252, test 0.234). A check that pretraining runs, not a result.
 
 CPU size (TinyCNN at width 32, 2x64 + 4x32 crops, batch 64, K=100, LARS lr 0.6, 400 steps;
 the pretraining of configs/ssl_finetune.py's cpu protocol) on synthetic_multimodality:scattered:
