@@ -33,8 +33,17 @@ def _flatten(d: dict) -> dict:
   return {k: list(v) if isinstance(v, tuple) else v for k, v in flat_config(d).items()}
 
 
+def _off(value) -> bool:
+  """A stage field's 'not used' value: 0, '', False, None or empty."""
+  return value is None or value is False or value in (0, "") or value in ([], {})
+
+
 def changed_keys(old: dict, new: dict) -> list[str]:
-  return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  """Keys whose value differs between two stage records. A key only `new` has (a stage field
+  added to the code after `old` was recorded, e.g. select_after) is unchanged when its value
+  is the field's off value: that is how the recorded run behaved."""
+  return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
+                and not (k not in old and _off(new[k])))
 
 
 def read_records(setup) -> list[dict]:

@@ -455,3 +455,15 @@ def test_a_bad_select_after_is_a_config_error(tmp_path, change, message):
   with pytest.raises(train.ConfigError, match=message):
     train.train_and_evaluate(c, str(tmp_path))
   assert not (tmp_path / "inferior").exists()
+
+
+def test_a_stage_field_added_after_a_record_counts_as_unchanged_only_when_off():
+  from medguide_jax import stage_records  # pylint: disable=g-import-not-at-top
+  old = {"num_steps": 10, "select": "min:val/loss"}
+  assert stage_records.changed_keys(old, {**old, "select_after": 0, "train_stratify": "",
+                                          "evals.paired.against": ""}) == []
+  assert stage_records.changed_keys(old, {**old, "select_after": 3}) == ["select_after"]
+  assert stage_records.changed_keys({**old, "select_after": 3},
+                                    {**old, "select_after": 0}) == ["select_after"]
+  assert stage_records.changed_keys(old, {"num_steps": 20, "select": "min:val/loss"}) == [
+      "num_steps"]
