@@ -124,15 +124,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   sz, ds = ssl_pretrain.SIZES[size], DOWNSTREAM[size]
   bootstrap = 200 if size == "smoke" else 1000
 
+  labelled = fractions(arg.fractions or ds["fractions"])
+
   c = common.base_config()
   c.method = "ssl"
-  c.default_stage = "finetune_" + str(fractions(arg.fractions or ds["fractions"])[-1])
+  c.default_stage = f"finetune_{labelled[-1]}"
   ssl_pretrain.data_block(c, arg.dataset, sz["crops"][1])
   c.model = ssl_pretrain.model_block(sz, arg.model)
   c.ssl = ssl_pretrain.ssl_block(sz, "swav")
   src = arg.pretrained or "pretrain"
   stages = {}
-  for fraction in fractions(arg.fractions or ds["fractions"]):
+  for fraction in labelled:
     stages.update(downstream_stages(ds, src, fraction, bootstrap))
   if not arg.pretrained:
     stages["pretrain"] = ssl_pretrain.pretrain_stage(sz)
