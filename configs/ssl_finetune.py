@@ -25,6 +25,10 @@ not a result):
 
   python -m medguide_jax.main --config=configs/ssl_finetune.py:smoke --workdir=/tmp/ssl_ft_smoke
 
+  3m02s on 2 cores with the data built (generating it first adds about 40 s). Expected (seed
+  0, measured 2026-12-02), test balanced accuracy: every stage 0.23-0.34 (scratch_10 0.338,
+  finetune_10 0.310, probe_10 0.229, knn_10 0.330): a check that all stages run.
+
 CPU size, the seeds protocol of the README's SSL results (synthetic_multimodality:scattered,
 TinyCNN width 32 at 64 px; 400 SwAV steps, then 200 steps per downstream stage at 1% and 10%
 of the 4000 labels; one seed, pretraining included, within the 15-minute budget of 2 cores:
